@@ -1,0 +1,377 @@
+"""Typed configuration: YAML files with `base:` inheritance, dotted CLI overrides.
+
+A config file is a mapping of sections (``model``, ``data``, ...) to keys. It may name a
+``base:`` file (a path relative to itself, or a bare name looked up under ``configs/``);
+its keys override the base's, recursively. Command-line overrides such as
+``optim.lr=1e-3`` or ``--optim.lr 1e-3`` are applied last. The merged mapping is then
+checked against the dataclass sections below: an unknown key, a wrong type or a missing
+file is a ``ConfigError`` naming the key and the file (or the command line) it came from.
+
+The resolved config is resolved once, passed explicitly, and saved with every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CLI = "<command line>"
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and its source."""
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    size: Literal["tiny", "small", "base", "large"] = "base"
+    img_size: int = 224
+    patch_size: int = 16
+    vocab_size: int = 8192
+    drop_path: float = 0.1
+    layer_scale_init: Optional[float] = None  # None: the size's default (0.1 base, 1e-5 large)
+    rel_pos_bias: Literal["shared", "per_block", "none"] = "shared"
+    abs_pos_emb: bool = False
+    attention: Literal["sdpa", "flex"] = "sdpa"
+    kernels: Literal["auto", "apex", "triton", "torch"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/toy_imagenet"
+    split: str = "train"
+    backend: Literal["dali", "ffcv", "reference"] = "dali"
+    cache: str = ""  # token cache directory written by data_prep/tokenize_imagenet.py
+    batch_size: int = 128  # per GPU
+    num_threads: int = 4
+    views: int = 10  # K sampled views per image stored in the token cache
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Augmentation (REFERENCE.md section 1)
+    color_jitter: float = 0.4
+    hflip: float = 0.5
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    tokenizer_img_size: int = 112
+    max_side: int = 0  # re-encode stored JPEGs to this longest side (0: keep as is)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["dalle", "dvae"] = "dalle"
+    path: str = ""
+    batch_size: int = 256
+
+
+@dataclass
+class MaskConfig:
+    mode: Literal["block", "random"] = "block"
+    num_patches: int = 75  # masking budget (40% of 14x14)
+    min_patches: int = 16
+    max_patches: Optional[int] = None  # None: the budget
+    min_aspect: float = 0.3
+    max_aspect: Optional[float] = None  # None: 1 / min_aspect
+    exact: bool = False  # top up / trim to exactly num_patches (BEiT v2)
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = 3.0
+    fused: Literal["auto", "apex", "torch"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    global_batch: int = 2048
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compile: bool = False
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    max_steps: int = 0  # stop after this many steps (0: run all epochs)
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/default"
+    every: int = 50  # steps between host syncs for metrics
+    ckpt_every_epochs: int = 20
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def dump(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+        os.replace(tmp, path)
+
+
+def _plain(obj):
+    """Tuples -> lists so that yaml.safe_dump writes plain YAML."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` (no dot) as a float, as people write it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"""),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def find_config(name: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """Resolve a config name: an existing path, a path relative to `relative_to`, or a
+    bare name (with or without .yaml) under configs/."""
+    p = Path(name)
+    candidates = [p]
+    if relative_to is not None and not p.is_absolute():
+        candidates.insert(0, relative_to / p)
+    if not p.is_absolute():
+        candidates.append(CONFIG_DIR / p)
+        if p.suffix == "":
+            candidates.append(CONFIG_DIR / p.with_suffix(".yaml"))
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"config file not found: {name} (looked at {tried})")
+
+
+def _load_tree(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    """Load a file and its bases. Returns (merged mapping, provenance) where provenance
+    maps a dotted key to the file that set it last."""
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in chain + (path,))
+        raise ConfigError(f"config base cycle: {cycle}")
+    data = _read_yaml(path)
+    base_name = data.pop("base", None)
+    if base_name is not None:
+        if not isinstance(base_name, str):
+            raise ConfigError(f"{path}: key 'base' must be a file name, got {base_name!r}")
+        merged, prov = _load_tree(find_config(base_name, path.parent), chain + (path,))
+    else:
+        merged, prov = {}, {}
+    _merge(merged, data, prov, str(path), prefix="")
+    return merged, prov
+
+
+def _merge(dst: dict, src: dict, prov: dict, source: str, prefix: str) -> None:
+    for k, v in src.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v, prov, source, key + ".")
+        else:
+            dst[k] = v
+            prov[key] = source
+            if isinstance(v, dict):
+                for sub in _dotted_keys(v, key + "."):
+                    prov[sub] = source
+
+
+def _dotted_keys(d: dict, prefix: str):
+    for k, v in d.items():
+        yield prefix + str(k)
+        if isinstance(v, dict):
+            yield from _dotted_keys(v, prefix + str(k) + ".")
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=1`, `--a.b=1` and `--a.b 1` -> [("a.b", 1)]; values are parsed as YAML."""
+    out = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            a = a[2:]
+            if "=" not in a:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{CLI}: override --{a} has no value")
+                a = f"{a}={args[i + 1]}"
+                i += 1
+        if "=" not in a or a.startswith("="):
+            raise ConfigError(f"{CLI}: cannot read override {args[i]!r}; expected section.key=value")
+        key, raw = a.split("=", 1)
+        try:
+            value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+        i += 1
+    return out
+
+
+# --------------------------------------------------------------------------- typing
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; convert where lossless (int -> float,
+    list -> tuple). Raise ConfigError naming the key and its source otherwise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad(expected: str):
+        return ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is Literal:
+        if value not in args:
+            raise bad("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} for {key}")  # a bug here, not user input
+
+
+def _build(cls, data: dict, prov: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        source = prov.get(key, CLI)
+        if k not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key '{key}' (known keys here: {known})")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{key}' must be a section (a mapping), got {v!r}")
+            kwargs[k] = _build(tp, v, prov, key + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, key, source)
+    return cls(**kwargs)
+
+
+def load_config(name: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve a config: file (with its bases), then CLI overrides, then type checks."""
+    if name is not None:
+        merged, prov = _load_tree(find_config(name))
+    else:
+        merged, prov = {}, {}
+    for key, value in parse_overrides(list(overrides or [])):
+        parts = key.split(".")
+        node = merged
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+        prov[key] = CLI
+        if isinstance(value, dict):
+            for sub in _dotted_keys(value, key + "."):
+                prov[sub] = CLI
+    cfg = _build(Config, merged, prov, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m, d = cfg.model, cfg.data
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
+    grid = m.img_size // m.patch_size
+    if not 0 < cfg.mask.num_patches <= grid * grid:
+        raise ConfigError(f"mask.num_patches ({cfg.mask.num_patches}) must be in 1..{grid * grid} for a {grid}x{grid} grid")
+    if d.views < 1:
+        raise ConfigError(f"data.views must be >= 1, got {d.views}")
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
+
+
+def cli_config(argv: list[str] | None = None, default: str | None = None) -> Config:
+    """Parse `--cfg NAME` plus overrides from argv (the trainer's command line)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = default
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--cfg", "--config"):
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{CLI}: --cfg needs a file name")
+            name = argv[i + 1]
+            i += 2
+            continue
+        if argv[i].startswith(("--cfg=", "--config=")):
+            name = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return load_config(name, rest)
