@@ -1,0 +1,22 @@
+"""Each benchmark's tiny mode runs, so the scripts cannot rot; figures are not asserted
+beyond being present and positive (speed is a benchmark's business, not a test's)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("script,keys", [
+    ("bench_masking.py", ["numba_masks_per_s", "reference_masks_per_s", "speedup", "batch2048_ms"]),
+])
+def test_benchmark_tiny_mode(script, keys):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    for k in keys:
+        assert row[k] > 0, k
+    assert row["machine"]["cores"] >= 1
