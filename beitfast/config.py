@@ -114,15 +114,8 @@ class LogConfig:
     progress: bool = True
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+class Sections:
+    """Mixin for a root config of sections: dict view and atomic YAML dump."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +129,20 @@ class Config:
         os.replace(tmp, path)
 
 
+@dataclass
+class Config(Sections):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        validate(self)
+
+
 def _plain(obj):
     """Tuples -> lists so that yaml.safe_dump writes plain YAML."""
     if isinstance(obj, dict):
@@ -143,6 +150,84 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+# --------------------------------------------------------------------------- dVAE
+@dataclass
+class DVAEModelConfig:
+    vocab_size: int = 8192
+    n_hid: int = 256
+    n_init: int = 128
+    n_blk_per_group: int = 2
+    downsample: int = 8
+    likelihood: Literal["logit_laplace", "mse"] = "logit_laplace"
+    img_size: int = 112
+
+
+@dataclass
+class DVAEDataConfig:
+    root: str = "data/imagenet"
+    split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 64  # per process
+    workers: int = 4
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    preload_side: int = 0  # >0: decode every image once into RAM at this shorter side
+    eval_images: int = 64
+
+
+@dataclass
+class DVAEOptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 1.25e-6
+    warmup_steps: int = 500
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = None
+    ema: float = 0.999  # 0: no EMA; else eval and export use the EMA weights
+
+
+@dataclass
+class DVAETrainConfig:
+    steps: int = 100_000
+    temp_start: float = 1.0
+    temp_end: float = 0.0625  # 1/16
+    anneal_steps: int = 0  # cosine temperature anneal length (0: all steps)
+    kl_max: float = 6.6
+    kl_warmup_steps: int = 5000
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    precision: Literal["bf16", "fp32"] = "bf16"
+
+
+@dataclass
+class DVAELogConfig:
+    out_dir: str = "runs/dvae"
+    every: int = 50
+    eval_every: int = 1000
+    ckpt_every: int = 1000
+    progress: bool = True
+
+
+@dataclass
+class DVAEConfig(Sections):
+    """Root config of data_prep/train_dvae.py."""
+
+    model: DVAEModelConfig = field(default_factory=DVAEModelConfig)
+    data: DVAEDataConfig = field(default_factory=DVAEDataConfig)
+    optim: DVAEOptimConfig = field(default_factory=DVAEOptimConfig)
+    train: DVAETrainConfig = field(default_factory=DVAETrainConfig)
+    log: DVAELogConfig = field(default_factory=DVAELogConfig)
+
+    def validate(self) -> None:
+        m = self.model
+        if m.img_size % m.downsample:
+            raise ConfigError(f"model.img_size ({m.img_size}) must be a multiple of model.downsample ({m.downsample})")
+        if m.downsample & (m.downsample - 1):
+            raise ConfigError(f"model.downsample must be a power of two, got {m.downsample}")
+        if self.train.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
 
 
 # --------------------------------------------------------------------------- YAML
@@ -316,8 +401,10 @@ def _build(cls, data: dict, prov: dict, prefix: str):
     return cls(**kwargs)
 
 
-def load_config(name: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Resolve a config: file (with its bases), then CLI overrides, then type checks."""
+def load_config(name: str | os.PathLike | None = None, overrides: list[str] | None = None, schema=None):
+    """Resolve a config: file (with its bases), then CLI overrides, then type checks against
+    `schema` (a dataclass of sections; default `Config`, the pretraining config)."""
+    schema = Config if schema is None else schema
     if name is not None:
         merged, prov = _load_tree(find_config(name))
     else:
@@ -334,13 +421,14 @@ def load_config(name: str | os.PathLike | None = None, overrides: list[str] | No
         if isinstance(value, dict):
             for sub in _dotted_keys(value, key + "."):
                 prov[sub] = CLI
-    cfg = _build(Config, merged, prov, "")
-    validate(cfg)
+    cfg = _build(schema, merged, prov, "")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-field checks of the pretraining config that types alone cannot express."""
     m, d = cfg.model, cfg.data
     if m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
@@ -354,8 +442,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
 
 
-def cli_config(argv: list[str] | None = None, default: str | None = None) -> Config:
-    """Parse `--cfg NAME` plus overrides from argv (the trainer's command line)."""
+def cli_config(argv: list[str] | None = None, default: str | None = None, schema=None):
+    """Parse `--cfg NAME` plus overrides from argv (a trainer's command line)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -374,4 +462,4 @@ def cli_config(argv: list[str] | None = None, default: str | None = None) -> Con
         else:
             rest.append(argv[i])
         i += 1
-    return load_config(name, rest)
+    return load_config(name, rest, schema)

@@ -11,6 +11,7 @@ from tests.conftest import ROOT
 
 @pytest.mark.parametrize("script,keys", [
     ("bench_masking.py", ["numba_masks_per_s", "reference_masks_per_s", "speedup", "batch2048_ms"]),
+    ("bench_tokenizer.py", ["dalle_images_per_s", "dalle_gflop_per_image", "dvae_tiny_images_per_s"]),
 ])
 def test_benchmark_tiny_mode(script, keys):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], cwd=ROOT,

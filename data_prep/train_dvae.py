@@ -1,0 +1,431 @@
+"""Train our own dVAE image tokenizer (the DALL-E recipe).
+
+    python data_prep/train_dvae.py --cfg dvae_tiny.yaml [section.key=value ...]
+    torchrun --nproc_per_node=8 data_prep/train_dvae.py --cfg dvae.yaml
+
+Writes to `log.out_dir`: `config.yaml` (resolved), `metrics.jsonl` (one JSON row per
+report), `ckpt.pt` (atomic; a re-run resumes from it), `recon.png` (originals above their
+reconstructions from hard codes), `curves.png`, and at the end `tokenizer.pt`, which
+`tokenizer.kind: dvae` loads. Reports: reconstruction NLL and PSNR, KL, temperature, KL
+weight, codebook perplexity and the fraction of codes in use, and the PSNR of the
+mean-image baseline for comparison.
+
+The data stream is a pure function of (seed, step): batch b of step s is a slice of an
+epoch permutation, each crop seeded by (seed, epoch, index), so a resumed run sees exactly
+the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from beitfast.config import ConfigError, DVAEConfig, cli_config  # noqa: E402
+from beitfast.data.images import BadImage, decode_rgb, list_imagefolder  # noqa: E402
+from beitfast.tokenizers.dvae import DVAE, DVAEArch  # noqa: E402
+
+CKPT_FORMAT = "beitfast-dvae-ckpt/1"
+
+
+# ----------------------------------------------------------------------------- data
+class Images:
+    """Decoded images of an ImageNet-layout split; bad files are skipped and reported."""
+
+    def __init__(self, root: str, split: str, preload_side: int):
+        self.root = Path(root)
+        self.paths, _, self.classes = list_imagefolder(root, split)
+        self.preload_side = preload_side
+        self.bad: dict[str, str] = {}
+        self.cache: dict[int, np.ndarray] = {}
+        if preload_side:
+            from tqdm import tqdm
+
+            for i in tqdm(range(len(self.paths)), desc=f"decoding {split}", unit="img", leave=False,
+                          disable=not sys.stderr.isatty()):
+                self.load(i)
+        self.good = [i for i in range(len(self.paths)) if self.paths[i] not in self.bad]
+        if not self.good:
+            raise RuntimeError(f"no decodable images under {self.root / split}")
+
+    def load(self, i: int) -> np.ndarray | None:
+        if i in self.cache:
+            return self.cache[i]
+        try:
+            img = decode_rgb((self.root / self.paths[i]).read_bytes(), self.paths[i])
+        except BadImage as e:
+            self.bad[self.paths[i]] = e.reason
+            return None
+        if self.preload_side:
+            from PIL import Image
+
+            h, w = img.shape[:2]
+            s = self.preload_side / min(h, w)
+            img = np.asarray(Image.fromarray(img).resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC))
+            self.cache[i] = img
+        return img
+
+
+def random_resized_crop(img: np.ndarray, size: int, scale, rng: np.random.Generator) -> np.ndarray:
+    """RandomResizedCrop (ratio 3/4..4/3, 10 tries then centre) + horizontal flip, bicubic."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    area = h * w
+    for _ in range(10):
+        a = area * rng.uniform(*scale)
+        r = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            break
+    else:
+        ch = cw = min(h, w)
+        y, x = (h - ch) // 2, (w - cw) // 2
+    crop = Image.fromarray(img[y:y + ch, x:x + cw]).resize((size, size), Image.BICUBIC)
+    out = np.asarray(crop)
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def centre_crop(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    s = min(h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    return np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` is the batch this rank trains on at that step: a pure function of
+    (seed, step, rank), so resuming at any step replays exactly the same data."""
+
+    def __init__(self, images: Images, cfg: DVAEConfig, rank: int, world: int):
+        self.im, self.cfg, self.rank, self.world = images, cfg, rank, world
+        self.per_epoch = max(1, len(images.good) // (cfg.data.batch_size * world))
+
+    def __len__(self):
+        return self.cfg.train.steps
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        d, seed = self.cfg.data, self.cfg.train.seed
+        epoch, k = divmod(step, self.per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(len(self.im.good))
+        start = (k * self.world + self.rank) * d.batch_size
+        out = []
+        for j in perm[start:start + d.batch_size]:
+            idx = self.im.good[j]
+            img = self.im.load(idx)
+            if img is None:  # became unreadable after the scan: take the next good one
+                img = self.im.load(self.im.good[(j + 1) % len(self.im.good)])
+            out.append(random_resized_crop(img, self.cfg.model.img_size, d.crop_scale,
+                                           np.random.default_rng([seed, epoch, idx])))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()  # uint8 (B, 3, S, S)
+
+
+# ----------------------------------------------------------------------------- schedules
+def lr_at(step: int, cfg: DVAEConfig) -> float:
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def temperature_at(step: int, cfg: DVAEConfig) -> float:
+    """Cosine anneal temp_start -> temp_end over anneal_steps (0: all steps)."""
+    t = cfg.train
+    n = t.anneal_steps or t.steps
+    x = min(1.0, step / max(1, n))
+    return t.temp_end + 0.5 * (t.temp_start - t.temp_end) * (1 + math.cos(math.pi * x))
+
+
+def kl_weight_at(step: int, cfg: DVAEConfig) -> float:
+    t = cfg.train
+    return t.kl_max * min(1.0, step / t.kl_warmup_steps) if t.kl_warmup_steps else t.kl_max
+
+
+# ----------------------------------------------------------------------------- metrics
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of [0, 1] images, averaged over the batch."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp(min=1e-10)
+    return float((-10 * torch.log10(mse)).mean())
+
+
+def codebook_usage(codes: torch.Tensor, k: int) -> tuple[float, float]:
+    """(perplexity of the code histogram, fraction of the k codes used at least once)."""
+    hist = torch.bincount(codes.flatten(), minlength=k).float()
+    p = hist / hist.sum()
+    ent = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(ent.exp()), float((hist > 0).float().mean())
+
+
+def save_grid(orig: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 8) -> None:
+    """Originals (top row) above their reconstructions (bottom row), as one PNG."""
+    from PIL import Image
+
+    pick = torch.linspace(0, orig.shape[0] - 1, min(n, orig.shape[0])).round().long()  # spread over classes
+    rows = [torch.cat(list(t[pick].float().clamp(0, 1)), dim=2) for t in (orig, recon)]
+    grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    s = max(1, 96 // orig.shape[-1])  # upscale tiny images so a person can see them
+    im = Image.fromarray(grid).resize((grid.shape[1] * s, grid.shape[0] * s), Image.NEAREST)
+    tmp = path.with_name(path.name + ".tmp.png")
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r["kind"] == "train"]
+    ev = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(1, 4, figsize=(16, 3.2))
+    ax[0].plot([r["step"] for r in train], [r["nll"] for r in train])
+    ax[0].set_title("reconstruction NLL / dim")
+    ax[1].plot([r["step"] for r in ev], [r["psnr"] for r in ev], "o-", label="dVAE (hard codes)")
+    if ev:
+        ax[1].axhline(ev[0]["baseline_psnr"], color="gray", ls="--", label="mean image")
+    ax[1].set_title("eval PSNR (dB)")
+    ax[1].legend()
+    ax[2].plot([r["step"] for r in train], [r["kl"] for r in train], label="KL / dim")
+    ax[2].plot([r["step"] for r in train], [r["temperature"] for r in train], label="temperature")
+    ax[2].legend()
+    ax[3].plot([r["step"] for r in ev], [r["used_fraction"] for r in ev], "o-")
+    ax[3].set_title("fraction of codebook used (eval)")
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=80)
+    plt.close(fig)
+    os.replace(path.with_name(path.name + ".tmp.png"), path)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path, upto_step: int) -> list[dict]:
+    """Metric rows at or before `upto_step` (rows written after the last checkpoint by a
+    killed run are dropped, so a resumed run does not duplicate them)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if r["step"] <= upto_step:
+            rows.append(r)
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
+    ap.add_argument("--stop-at", type=int, default=0,
+                    help="exit right after the checkpoint at this step, as if killed (for resume tests)")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    args, rest = ap.parse_known_args(argv)
+    try:
+        cfg = cli_config(rest, default="dvae_tiny.yaml", schema=DVAEConfig)
+    except ConfigError as e:
+        print(f"train_dvae: config error: {e}", file=sys.stderr)
+        return 2
+
+    # --- distributed setup
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        print("train_dvae: train.device=cuda but no GPU is visible", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if want_cuda else torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    main_proc = rank == 0
+    out = Path(cfg.log.out_dir)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.dump(out / "config.yaml")
+
+    # --- data
+    torch.manual_seed(cfg.train.seed + rank)
+    train_im = Images(cfg.data.root, cfg.data.split, cfg.data.preload_side)
+    val_im = Images(cfg.data.root, cfg.data.val_split, cfg.data.preload_side)
+    batches = StepBatches(train_im, cfg, rank, world)
+    # evenly spaced over the sorted split, so every class is in the eval batch
+    ev_idx = val_im.good[:: max(1, len(val_im.good) // cfg.data.eval_images)][: cfg.data.eval_images]
+    eval_x = torch.from_numpy(np.stack([centre_crop(val_im.load(i), cfg.model.img_size) for i in ev_idx]))
+    eval_x = eval_x.permute(0, 3, 1, 2).float().div(255).to(device)
+    mean_idx = train_im.good[:: max(1, len(train_im.good) // 512)]
+    mean_img = torch.from_numpy(np.stack([centre_crop(train_im.load(i), cfg.model.img_size)
+                                          for i in mean_idx])).float().div(255).mean(0)
+    baseline_psnr = psnr(eval_x.cpu(), mean_img.permute(2, 0, 1).expand_as(eval_x.cpu()))
+    if main_proc and (train_im.bad or val_im.bad):
+        bad = {**train_im.bad, **val_im.bad}
+        print(f"[dvae] skipped {len(bad)} undecodable files, e.g. {next(iter(bad.items()))}")
+
+    # --- model, optimizer
+    m = cfg.model
+    arch = DVAEArch(vocab_size=m.vocab_size, n_hid=m.n_hid, n_init=m.n_init, n_blk_per_group=m.n_blk_per_group,
+                    downsample=m.downsample, likelihood=m.likelihood)
+    model = DVAE(arch).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    step = 0
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists() and not args.fresh:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        if ck.get("format") != CKPT_FORMAT:
+            print(f"train_dvae: {ckpt_path} is not a dVAE checkpoint of this version; use --fresh", file=sys.stderr)
+            return 2
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        if main_proc:
+            print(f"[dvae] resumed from {ckpt_path} at step {step}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    rows = read_metrics(out / "metrics.jsonl", step) if main_proc else []
+    if main_proc:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(batches, range(step, cfg.train.steps)), batch_size=None, shuffle=False,
+        num_workers=cfg.data.workers, persistent_workers=False, prefetch_factor=4 if cfg.data.workers else None,
+        # its own generator: starting an iterator otherwise draws from the global RNG, which
+        # would shift the Gumbel noise of a resumed run against an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.train.seed))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if want_cuda and cfg.train.precision == "bf16" else None
+
+    def evaluate(net: DVAE, at: int) -> dict:
+        net.eval()
+        codes, recon = net.reconstruct_hard(eval_x)
+        net.train()
+        ppl, used = codebook_usage(codes, arch.vocab_size)
+        save_grid(eval_x.cpu(), recon.cpu(), out / "recon.png")
+        return {"kind": "eval", "step": at, "psnr": round(psnr(recon, eval_x), 3),
+                "baseline_psnr": round(baseline_psnr, 3), "perplexity": round(ppl, 2), "used_fraction": round(used, 4)}
+
+    def checkpoint(at: int) -> None:
+        rng = [torch.get_rng_state()]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if main_proc:
+            atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "opt": opt.state_dict(),
+                         "ema": ema.state_dict() if ema is not None else None, "step": at, "rng": rng,
+                         "config": cfg.to_dict()}, ckpt_path)
+
+    def log(row: dict) -> None:
+        rows.append(row)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # --- loop
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.steps, initial=step, desc="dvae", unit="step",
+               disable=not (main_proc and cfg.log.progress))
+    acc = torch.zeros(3, device=device)  # nll, kl, psnr sums since the last report (no host sync)
+    code_hist = torch.zeros(arch.vocab_size, device=device)
+    n_acc, t0 = 0, time.time()
+    model.train()
+    for x in loader:
+        x = x.to(device, non_blocking=True).float().div_(255)
+        tau, beta, lr = temperature_at(step, cfg), kl_weight_at(step, cfg), lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if amp is not None:
+            with amp:
+                o = ddp(x, tau, beta)
+        else:
+            o = ddp(x, tau, beta)
+        opt.zero_grad(set_to_none=True)
+        o["loss"].backward()
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.optim.ema)
+        with torch.no_grad():
+            acc += torch.stack([o["nll"].detach(), o["kl"].detach(), torch.tensor(psnr(o["recon"], x), device=device)])
+            code_hist += torch.bincount(o["logits"].argmax(1).flatten(), minlength=arch.vocab_size)
+        n_acc += 1
+        step += 1
+        bar.update()
+        if step % cfg.log.every == 0 or step == cfg.train.steps:
+            if world > 1:
+                dist.all_reduce(acc)
+                dist.all_reduce(code_hist)
+                acc /= world
+            a = (acc / n_acc).tolist()  # the one host sync per report
+            p = code_hist / code_hist.sum()
+            train_ppl = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+            row = {"kind": "train", "step": step, "nll": round(a[0], 5), "kl": round(a[1], 5),
+                   "train_psnr_soft": round(a[2], 3), "temperature": round(tau, 4), "kl_weight": round(beta, 4),
+                   "lr": lr, "perplexity": round(train_ppl, 2),
+                   "used_fraction": round(float((code_hist > 0).float().mean()), 4),
+                   "img_per_s": round(n_acc * cfg.data.batch_size * world / (time.time() - t0), 1)}
+            if main_proc:
+                log(row)
+                bar.set_postfix(nll=row["nll"], psnr=row["train_psnr_soft"], ppl=row["perplexity"])
+            acc.zero_()
+            code_hist.zero_()
+            n_acc, t0 = 0, time.time()
+        if main_proc and (step % cfg.log.eval_every == 0 or step == cfg.train.steps):
+            log(evaluate(ema if ema is not None else model, step))
+        if step % cfg.log.ckpt_every == 0 or step == cfg.train.steps:
+            checkpoint(step)
+            if args.stop_at and step >= args.stop_at:
+                bar.close()
+                if main_proc:
+                    print(f"[dvae] stopped at step {step} as asked (--stop-at); re-run to resume")
+                if world > 1:
+                    dist.destroy_process_group()
+                return 0
+    bar.close()
+
+    if main_proc:
+        final = ema if ema is not None else model
+        atomic_save(final.export(cfg.model.img_size), out / "tokenizer.pt")
+        save_curves(rows, out / "curves.png")
+        last = [r for r in rows if r["kind"] == "eval"][-1]
+        summary = {"tokenizer": str(out / "tokenizer.pt"), "steps": step, **{k: last[k] for k in
+                   ("psnr", "baseline_psnr", "perplexity", "used_fraction")}, "vocab_size": arch.vocab_size,
+                   "skipped_files": len(train_im.bad) + len(val_im.bad)}
+        print(f"[dvae] eval PSNR {last['psnr']:.2f} dB vs mean-image baseline {last['baseline_psnr']:.2f} dB; "
+              f"codebook perplexity {last['perplexity']:.1f}, {100 * last['used_fraction']:.1f}% of "
+              f"{arch.vocab_size} codes used; tokenizer -> {out / 'tokenizer.pt'}, grid -> {out / 'recon.png'}")
+        print(json.dumps(summary))
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
