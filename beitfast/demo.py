@@ -103,6 +103,73 @@ def stage_dvae(out: Path, data_root: Path) -> dict:
     return res
 
 
+def stage_cache(out: Path, data_root: Path, tok_path: Path) -> dict:
+    """Pre-tokenize the toy ImageNet (K views an image) with the tiny dVAE, verify the cache,
+    and draw some cached views beside their stored tokens decoded back to pixels."""
+    from data_prep.tokenize_imagenet import main as tokenize
+    from data_prep.verify_cache import main as verify
+
+    cache = out / "cache"
+    over = [f"tokenizer.path={tok_path}"]
+    print(f"[demo] pre-tokenizing {data_root} -> {cache}")
+    if tokenize(["--data", str(data_root), "--out", str(cache), "--cfg", "tiny.yaml", "--shard-size", "256",
+                 "--max-reject", "0.01", *over]) != 0:
+        raise SystemExit("[demo] tokenization failed")
+    if verify(["--cache", str(cache), "--cfg", "tiny.yaml", "--sample", "256", *over]) != 0:
+        raise SystemExit("[demo] cache verification failed")
+    draw_cached_views(cache, tok_path, out / "cache_views.png")
+    m = json.loads((cache / "manifest.json").read_text())
+    print(f"[demo] cached views drawn -> {out / 'cache_views.png'}")
+    return {"cache": str(cache), **m["counts"]}
+
+
+def draw_cached_views(cache_dir: Path, tok_path: Path, png: Path, n_images: int = 4) -> None:
+    """Per image: the source with its K crop boxes, then for each view the rendered
+    tokenizer input and its stored tokens decoded by the dVAE decoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+
+    from beitfast.data.cache import TokenCache
+    from beitfast.data.images import decode_rgb
+    from beitfast.data.views import ViewRenderer
+    from beitfast.tokenizers.dvae import load_export
+
+    c = TokenCache(cache_dir)
+    model, size = load_export(tok_path)
+    k = c.views_per_image
+    renderer = ViewRenderer(size, "lanczos", k)
+    picks = np.linspace(0, len(c) - 1, n_images).round().astype(int)
+    fig, axes = plt.subplots(n_images, 1 + 2 * k, figsize=(2 * (1 + 2 * k), 2.1 * n_images))
+    for row, j in zip(axes, picks):
+        data, label, views, toks = c.item(int(j))
+        img = decode_rgb(bytes(data))
+        row[0].imshow(img)
+        for v in views:
+            row[0].add_patch(matplotlib.patches.Rectangle((v["x"], v["y"]), v["w"], v["h"], fill=False, lw=1.2,
+                                                          ec="yellow"))
+        row[0].set_title(f"class {label}, {k} views", fontsize=8)
+        rendered = renderer.render([np.asarray(data)] * k, np.asarray(views)) / 255
+        grid = c.settings["tokenizer"]["grid"]
+        codes = torch.from_numpy(np.asarray(toks, np.int64)).reshape(k, *grid)
+        with torch.no_grad():
+            dec = model.reconstruct_from(model.decoder(F.one_hot(codes, model.arch.vocab_size).permute(0, 3, 1, 2).float()))
+        for v in range(k):
+            row[1 + 2 * v].imshow(rendered[v].permute(1, 2, 0).clamp(0, 1).numpy())
+            row[1 + 2 * v].set_title(f"view {v}", fontsize=8)
+            row[2 + 2 * v].imshow(dec[v].permute(1, 2, 0).numpy())
+            row[2 + 2 * v].set_title("its tokens, decoded", fontsize=8)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
@@ -113,11 +180,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     data_root = stage_dataset(out)
     cfg = stage_config(out, data_root)
-    summary = {"dataset": str(data_root), "config": str(out / "config.yaml"),
-               "masks": stage_masks(out, cfg), "dvae": stage_dvae(out, data_root), "outputs": str(out)}
+    summary = {"dataset": str(data_root), "config": str(out / "config.yaml"), "masks": stage_masks(out, cfg)}
+    summary["dvae"] = stage_dvae(out, data_root)
+    summary["cache"] = stage_cache(out, data_root, Path(summary["dvae"]["tokenizer"]))
+    summary["outputs"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] done in {time.time() - t0:.0f} s; outputs in {out} "
-          f"(summary.json, config.yaml, masks.png, dvae_tiny/)")
+          f"(summary.json, config.yaml, masks.png, dvae_tiny/, cache/, cache_views.png)")
     return 0
 
 

@@ -12,6 +12,7 @@ from tests.conftest import ROOT
 @pytest.mark.parametrize("script,keys", [
     ("bench_masking.py", ["numba_masks_per_s", "reference_masks_per_s", "speedup", "batch2048_ms"]),
     ("bench_tokenizer.py", ["dalle_images_per_s", "dalle_gflop_per_image", "dvae_tiny_images_per_s"]),
+    ("bench_tokenize.py", ["dvae_tiny_views_per_s", "dalle_images_per_s", "online_dalle_ms_per_step_b128"]),
 ])
 def test_benchmark_tiny_mode(script, keys):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], cwd=ROOT,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ def list_imagefolder(root: str | Path, split: str = "train") -> tuple[list[str],
     return paths, np.asarray(labels, np.int64), classes
 
 
+def _why(e: Exception) -> str:
+    """An exception as a stable reason: no object addresses, so reruns write equal reports."""
+    return f"cannot decode ({type(e).__name__}: " + re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)) + ")"
+
+
 def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode any image Pillow reads into upright RGB uint8 (H, W, 3): CMYK and grayscale
     are converted, EXIF orientation is applied, a PNG under a .JPEG name is fine. Empty,
@@ -49,4 +55,37 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
         im = ImageOps.exif_transpose(im)
         return np.asarray(im.convert("RGB"))
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
-        raise BadImage(name, f"cannot decode ({type(e).__name__}: {e})") from None
+        raise BadImage(name, _why(e)) from None
+
+
+def prepare_for_cache(data: bytes, name: str = "<bytes>", max_side: int = 0, quality: int = 95) -> tuple[bytes, int, int, str]:
+    """(bytes, height, width, action) of an image as the token cache stores it: a plain
+    upright RGB JPEG is kept byte for byte; CMYK, grayscale, PNG, EXIF-rotated or (with
+    `max_side`) larger images are decoded, made upright RGB, downscaled to `max_side` and
+    re-encoded, so the GPU decoder only ever sees plain RGB JPEGs. `action` says which.
+    Undecodable data raises BadImage naming the file."""
+    from PIL import Image
+
+    if len(data) == 0:
+        raise BadImage(name, "empty file (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+        fmt, mode, size = im.format, im.mode, im.size
+        orientation = im.getexif().get(0x0112, 1)
+        im.load()  # full decode: a truncated file fails here, not later inside DALI
+    except Exception as e:
+        raise BadImage(name, _why(e)) from None
+    w, h = size
+    too_big = max_side and max(h, w) > max_side
+    if fmt == "JPEG" and mode == "RGB" and orientation == 1 and not too_big:
+        return data, h, w, "kept"
+    rgb = decode_rgb(data, name)
+    reason = "resized" if fmt == "JPEG" and mode == "RGB" and orientation == 1 else \
+        f"converted {fmt} {mode}" + (f" (EXIF orientation {orientation})" if orientation != 1 else "")
+    img = Image.fromarray(rgb)
+    if max_side and max(img.size) > max_side:
+        s = max_side / max(img.size)
+        img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue(), img.size[1], img.size[0], reason
