@@ -13,6 +13,8 @@ from tests.conftest import ROOT
     ("bench_masking.py", ["numba_masks_per_s", "reference_masks_per_s", "speedup", "batch2048_ms"]),
     ("bench_tokenizer.py", ["dalle_images_per_s", "dalle_gflop_per_image", "dvae_tiny_images_per_s"]),
     ("bench_tokenize.py", ["dvae_tiny_views_per_s", "dalle_images_per_s", "online_dalle_ms_per_step_b128"]),
+    ("bench_kernels.py", ["layernorm_torch_ms", "residual_torch_ms", "head_torch_ms", "head_chunked_ms"]),
+    ("bench_model.py", ["images_per_s", "mfu", "matmul_peak_tflops"]),
 ])
 def test_benchmark_tiny_mode(script, keys):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], cwd=ROOT,

@@ -1,0 +1,113 @@
+"""BEiT train-step benchmark with synthetic inputs: images/s, MFU, peak memory per option.
+
+    python benchmarks/bench_model.py [--tiny] [--size base] [--batch 128] [--compile]
+
+One step = forward, masked-token loss, backward, AdamW (fused) step. Options compared in one
+run: kernels fused (config `auto`: Triton/Apex on CUDA) vs unfused (`torch`), attention SDPA vs
+FlexAttention, eager vs torch.compile (with --compile; on by default on CUDA). MFU = model
+FLOPs per second (counted by torch's FlopCounterMode on one step, 2 per multiply-add) over a
+matmul peak measured in the same run (bf16 on CUDA, fp32 on CPU). Warm-up and compilation
+are outside the clock; CUDA timing by events. Last line: one JSON object; the baseline is the
+unfused eager SDPA row.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import emit, time_median  # noqa: E402
+from beitfast.model import Beit, BeitArgs  # noqa: E402
+
+
+def matmul_peak(dev, dt) -> float:
+    n = 8192 if dev == "cuda" else 1024
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+
+    def run():
+        a @ b
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / time_median(run, 10 if dev == "cuda" else 3, warmup=2)
+
+
+def step_flops(model, x, mask, tgt) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        model(x, mask, tgt)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--size", default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", default=None)
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dt = torch.bfloat16 if cuda else torch.float32
+    size = a.size or ("base" if cuda else "tiny")
+    img, depth = (224, None) if (cuda or not a.tiny) else (64, 2)
+    batch = a.batch or (128 if cuda else (4 if a.tiny else 16))
+    use_compile = a.compile if a.compile is not None else cuda
+    reps = 10 if cuda else (1 if a.tiny else 3)
+    torch.manual_seed(0)
+    grid = img // 16
+    x = torch.randn(batch, 3, img, img, device=dev)
+    mask = torch.rand(batch, grid, grid, device=dev) < 0.4
+    tgt = torch.randint(0, 8192, (batch, grid, grid), device=dev)
+    peak = matmul_peak(dev, dt)
+    res = {"bench": "model", "device": dev, "size": size, "img": img, "batch": batch, "dtype": str(dt).split(".")[-1],
+           "matmul_peak_tflops": round(peak / 1e12, 3), "tiny": a.tiny, "options": {}}
+    options = [("unfused_eager_sdpa", "torch", "sdpa", False), ("fused_eager_sdpa", "auto", "sdpa", False),
+               ("fused_eager_flex", "auto", "flex", False)]
+    if use_compile:
+        options += [("fused_compiled_sdpa", "auto", "sdpa", True)]
+    for name, kern, attn, comp in options:
+        model = Beit(BeitArgs(size=size, img_size=img, depth=depth, kernels=kern, attention=attn)).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        fwd = torch.compile(model) if comp else model
+
+        def step():
+            with torch.autocast(dev, dtype=dt, enabled=cuda):
+                out = fwd(x, mask, tgt)
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+
+        try:
+            flops = step_flops(model, x[:1], mask[:1], tgt[:1]) * batch
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t = time_median(step, reps, warmup=3 if comp else 1)
+        except Exception as e:  # an option that cannot run here is reported, not fatal
+            res["options"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            continue
+        row = {"images_per_s": round(batch / t, 2), "step_ms": round(t * 1e3, 2),
+               "mfu": round(flops / t / peak, 4), "gflop_per_image": round(flops / batch / 1e9, 2)}
+        if cuda:
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        res["options"][name] = row
+        print(f"{name}: {row}")
+        del model, opt, fwd
+    best = max((r for r in res["options"].values() if "images_per_s" in r), key=lambda r: r["images_per_s"])
+    base = res["options"].get("unfused_eager_sdpa", {})
+    res.update({"images_per_s": best["images_per_s"], "mfu": best["mfu"], "peak_mem_gb": best.get("peak_mem_gb"),
+                "speedup_vs_unfused_eager": round(best["images_per_s"] / base["images_per_s"], 3)
+                if "images_per_s" in base else None})
+    emit(res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

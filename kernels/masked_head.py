@@ -1,0 +1,142 @@
+"""Fused masked-token head: gather the masked rows, LM head, cross-entropy and MIM accuracy,
+without keeping the (rows x vocab) logits for backward.
+
+`masked_head(h, mask, weight, bias, targets)`: h (B, N, D) final-normed patch tokens, mask
+(B, N) bool, weight (V, D), bias (V,), targets (B, N) long. Returns (mean loss over masked
+rows, number of correct argmax predictions, number of masked rows) - counts as tensors, so
+no host sync. With no masked rows the loss is 0 (still connected to the graph).
+
+Fused path (the technique of chunked "fused linear cross-entropy"): the masked rows are
+processed in chunks of CHUNK rows; per chunk, logits = rows @ W^T + b (one cuBLAS matmul),
+then ONE Triton kernel per row computes the log-sum-exp, the loss, the argmax and
+overwrites the logits in place with d loss / d logits; the chunk's gradients for rows, W
+and b are accumulated right away. Only a chunk of logits is alive at any time; backward
+just scales the stored gradients by the incoming scalar. `masked_head_ref` is the twin
+(plain gather, linear, cross_entropy). Block size chosen for V = 8192 (not yet GPU-tuned).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+CHUNK = 4096  # masked rows per chunk: 4096 x 8192 fp32 logits = 128 MiB
+
+
+def masked_head_ref(h, mask, weight, bias, targets):
+    """The twin: gather, linear, cross-entropy, argmax."""
+    rows = h[mask]
+    tgt = targets[mask]
+    n = mask.sum()
+    if rows.shape[0] == 0:
+        return h.sum() * 0.0, n * 0, n
+    logits = F.linear(rows, weight, bias).float()
+    loss = F.cross_entropy(logits, tgt)
+    correct = (logits.argmax(-1) == tgt).sum()
+    return loss, correct, n
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ce_fwd_bwd(LOGITS, TGT, LOSS, CORRECT, V, stride, inv_n, BLOCK: tl.constexpr):
+        """Per row: loss = lse - logit[t]; correct = (argmax == t); logits <- (softmax - onehot) * inv_n."""
+        row = tl.program_id(0)
+        base = LOGITS + row * stride
+        t = tl.load(TGT + row)
+        # pass 1: running max, sum of exp, argmax
+        m = -float("inf")
+        s = 0.0
+        best = -float("inf")
+        best_i = 0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            bm = tl.max(x, axis=0)
+            bi = tl.argmax(x, axis=0) + start
+            if bm > best:
+                best = bm
+                best_i = bi
+            new_m = tl.maximum(m, bm)
+            s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
+            m = new_m
+        lse = m + tl.log(s)
+        xt = tl.load(base + t).to(tl.float32)
+        tl.store(LOSS + row, lse - xt)
+        tl.store(CORRECT + row, (best_i == t).to(tl.int32))
+        # pass 2: gradient in place
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == t, 1.0, 0.0)
+            tl.store(base + cols, (g * inv_n).to(LOGITS.dtype.element_ty), mask=cols < V)
+
+
+def _ce_rows_triton(logits, tgt, inv_n):
+    r, v = logits.shape
+    loss = torch.empty(r, device=logits.device, dtype=torch.float32)
+    correct = torch.empty(r, device=logits.device, dtype=torch.int32)
+    _ce_fwd_bwd[(r,)](logits, tgt, loss, correct, v, logits.stride(0), inv_n, BLOCK=min(4096, triton.next_power_of_2(v)))
+    return loss, correct
+
+
+def _ce_rows_torch(logits, tgt, inv_n):
+    """The same contract as the kernel, in torch (for the chunked path without Triton)."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, -1)
+    loss = lse - lf.gather(1, tgt[:, None])[:, 0]
+    correct = (lf.argmax(-1) == tgt).int()
+    g = torch.softmax(lf, -1)
+    g[torch.arange(len(tgt), device=lf.device), tgt] -= 1
+    logits.copy_(g * inv_n)
+    return loss, correct
+
+
+class FusedMaskedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, mask, weight, bias, targets, use_triton, chunk):
+        rows = h[mask]  # (M, D) gather
+        tgt = targets[mask]
+        n = rows.shape[0]
+        d_rows = torch.zeros_like(rows)
+        d_w = torch.zeros_like(weight, dtype=torch.float32)
+        d_b = torch.zeros_like(bias, dtype=torch.float32)
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        correct = torch.zeros((), device=h.device, dtype=torch.int64)
+        ce = _ce_rows_triton if use_triton else _ce_rows_torch
+        for s in range(0, n, chunk):
+            r = rows[s:s + chunk]
+            logits = torch.addmm(bias.to(r.dtype), r, weight.t().to(r.dtype))  # (c, V)
+            if logits.dtype != torch.float32:
+                logits = logits.float()
+            l, c = ce(logits, tgt[s:s + chunk].contiguous(), 1.0 / n)
+            loss += l.sum()
+            correct += c.sum()
+            g = logits.to(r.dtype)  # now d loss / d logits
+            d_rows[s:s + chunk] = g @ weight.to(r.dtype)
+            d_w += (g.t() @ r).float()
+            d_b += g.float().sum(0)
+        ctx.save_for_backward(mask, d_rows, d_w, d_b)
+        ctx.h_shape, ctx.h_dtype = h.shape, h.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss / max(n, 1), correct
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_correct):
+        mask, d_rows, d_w, d_b = ctx.saved_tensors
+        d_h = torch.zeros(ctx.h_shape, device=d_rows.device, dtype=ctx.h_dtype)
+        d_h[mask] = (d_rows * g_loss).to(ctx.h_dtype)
+        return d_h, None, (d_w * g_loss), (d_b * g_loss), None, None, None
+
+
+def masked_head_fused(h, mask, weight, bias, targets, use_triton: bool = True, chunk: int = CHUNK):
+    n = mask.sum()
+    if not bool(mask.any()):  # guard: no masked token in the batch
+        return h.sum() * 0.0 + weight.sum() * 0.0, n * 0, n
+    loss, correct = FusedMaskedHead.apply(h, mask, weight, bias, targets, use_triton and triton is not None, chunk)
+    return loss, correct, n

@@ -1,0 +1,99 @@
+"""Each Triton kernel against its PyTorch twin on fresh random inputs (Triton's interpreter on
+CPU: TRITON_INTERPRET=1, set in conftest), forward and backward; and the dispatch rules."""
+import os
+
+import pytest
+import torch
+
+import kernels as K
+from kernels.masked_head import masked_head_fused
+
+pytestmark = pytest.mark.skipif(not K.HAVE_TRITON, reason="triton not installed")
+
+
+def _grads(fn, inputs, dout):
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    out.backward(dout)
+    return [out.detach()] + [t.grad.clone() for t in inputs]
+
+
+@pytest.mark.parametrize("m,n", [(1, 16), (7, 48), (33, 100), (40, 192)])
+def test_layer_norm(m, n):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    x = (torch.randn(m, n, generator=g) * 3 + 1).requires_grad_()
+    w = torch.randn(n, generator=g).requires_grad_()
+    b = torch.randn(n, generator=g).requires_grad_()
+    dy = torch.randn(m, n, generator=g)
+    fast = _grads(lambda *a: K.layer_norm(*a, eps=1e-6, impl="triton"), [x, w, b], dy)
+    slow = _grads(lambda *a: K.layer_norm(*a, eps=1e-6, impl="torch"), [x, w, b], dy)
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_3d_input():
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    fast = _grads(lambda *a: K.layer_norm(*a, impl="triton"), [x, w, b], torch.ones(2, 5, 24))
+    slow = _grads(lambda *a: K.layer_norm(*a, impl="torch"), [x, w, b], torch.ones(2, 5, 24))
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("b,n,d", [(1, 1, 8), (3, 5, 24), (4, 17, 96)])
+def test_residual(b, n, d):
+    x, y = torch.randn(b, n, d, requires_grad=True), torch.randn(b, n, d, requires_grad=True)
+    gamma = torch.randn(d, requires_grad=True)
+    scale = (torch.rand(b) < 0.7).float() / 0.7  # drop path with keep 0.7
+    dout = torch.randn(b, n, d)
+    fast = _grads(lambda *a: K.residual_add(*a, scale, impl="triton"), [x, y, gamma], dout)
+    slow = _grads(lambda *a: K.residual_add(*a, scale, impl="torch"), [x, y, gamma], dout)
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_masked_head(use_triton, chunk):
+    b, n, d, v = 3, 11, 16, 70
+    h = torch.randn(b, n, d, requires_grad=True)
+    w, bias = (torch.randn(v, d) * 0.3).requires_grad_(), torch.randn(v).requires_grad_()
+    mask = torch.rand(b, n) < 0.45
+    mask[0, 0] = True
+    tgt = torch.randint(0, v, (b, n))
+    res = {}
+    for name, fn in (("fast", lambda: masked_head_fused(h, mask, w, bias, tgt, use_triton=use_triton, chunk=chunk)),
+                     ("ref", lambda: K.masked_head(h, mask, w, bias, tgt, impl="torch"))):
+        for t in (h, w, bias):
+            t.grad = None
+        loss, correct, cnt = fn()
+        (loss * 1.7).backward()
+        res[name] = (loss.detach(), correct, cnt, h.grad.clone(), w.grad.clone(), bias.grad.clone())
+    assert int(res["fast"][1]) == int(res["ref"][1]) and int(res["fast"][2]) == int(mask.sum())
+    for f, s in zip(res["fast"][3:] + res["fast"][:1], res["ref"][3:] + res["ref"][:1]):
+        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_head_no_masked_rows():
+    h = torch.randn(2, 4, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    loss, correct, n = K.masked_head(h, torch.zeros(2, 4, dtype=torch.bool), w, torch.zeros(10), torch.zeros(2, 4,
+                                     dtype=torch.long), impl="triton")
+    loss.backward()
+    assert float(loss) == 0 and int(n) == 0 and int(correct) == 0 and h.grad.abs().sum() == 0
+
+
+def test_dispatch_rules(monkeypatch):
+    t = torch.zeros(2, 4)
+    assert K.resolve("layer_norm", "auto", t) == "torch"  # no CUDA here
+    assert K.resolve("layer_norm", "triton", t) == "triton"  # interpreter on
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="CUDA tensor or TRITON_INTERPRET"):
+        K.resolve("residual", "triton", t)
+    if not K.HAVE_APEX:
+        with pytest.raises(RuntimeError, match="Apex"):
+            K.resolve("layer_norm", "apex", t)
+    with pytest.raises(ValueError, match="impl"):
+        K.resolve("layer_norm", "cuda", t)
+    assert os.environ.get("TRITON_INTERPRET") is None

@@ -1,0 +1,180 @@
+"""The BEiT model: faithfulness facts, gradients, options, interop parity with timm and HF."""
+import math
+
+import pytest
+import torch
+
+from beitfast.model import SIZES, Beit, BeitArgs, load_reference, relative_position_index, to_hf, to_timm
+
+
+def _perturbed(model, seed=0):
+    """Random weights everywhere (the init leaves tables at 0 and gammas constant)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_every_size_trains(size):
+    m = Beit(BeitArgs(size=size, img_size=32, patch_size=16, vocab_size=50, depth=2, kernels="torch"))
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool).reshape(2, 2, 2)
+    out = m(x, mask, torch.randint(0, 50, (2, 2, 2)))
+    assert torch.isfinite(out["loss"]) and int(out["n_masked"]) == 4
+    out["loss"].backward()
+    for name, p in m.named_parameters():
+        if name == "pos_embed":
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name != "mask_token":
+            assert p.grad.abs().sum() > 0, name
+    assert m.mask_token.grad.abs().sum() > 0
+    dim, depth, heads, ls = SIZES[size]
+    assert m.cls_token.shape == (1, 1, dim) and m.blocks[0].gamma_1.eq(ls).all()
+
+
+def test_base_structure_and_init():
+    torch.manual_seed(0)
+    m = Beit(BeitArgs(size="base"))
+    sd = m.state_dict()
+    assert sd["rel_pos_bias.relative_position_bias_table"].shape == (732, 12)
+    assert sd["rel_pos_bias.relative_position_bias_table"].eq(0).all()
+    assert sd["blocks.0.attn.qkv.weight"].shape == (2304, 768) and "blocks.0.attn.qkv.bias" not in sd
+    assert m.blocks[0].norm1.eps == 1e-6 and m.norm.eps == 1e-6 and m.lm_head.weight.shape == (8192, 768)
+    assert len(m.blocks) == 12 and m.blocks[0].gamma_1.eq(0.1).all()
+    assert [round(b.drop_path, 4) for b in m.blocks] == [round(0.1 * i / 11, 4) for i in range(12)]
+    for name in ("cls_token", "mask_token", "lm_head.weight", "blocks.0.mlp.fc1.weight", "patch_embed.proj.weight"):
+        t = sd[name]
+        assert t.abs().max() <= 0.02 + 1e-7 and 0.008 < t.std() < 0.012, name  # trunc normal std 0.02 at +-0.02
+    for layer in (1, 6, 12):  # 1/sqrt(2l) rescale
+        w = sd[f"blocks.{layer - 1}.attn.proj.weight"]
+        assert w.abs().max() <= 0.02 / math.sqrt(2 * layer) + 1e-7
+        assert abs(w.std() * math.sqrt(2 * layer) / sd["blocks.0.mlp.fc1.weight"].std() - 1) < 0.05
+    assert sd["blocks.3.attn.q_bias"].eq(0).all() and sd["norm.weight"].eq(1).all()
+    assert Beit(BeitArgs(size="large", depth=1)).blocks[0].gamma_1.eq(1e-5).all()
+
+
+def test_relative_position_index():
+    idx = relative_position_index(14, 14)
+    assert idx.shape == (197, 197)
+    assert idx[0, 0] == 731 and (idx[0, 1:] == 729).all() and (idx[1:, 0] == 730).all()
+    # patch (r1, c1) -> (r2, c2): (r1 - r2 + 13) * 27 + (c1 - c2 + 13)
+    p = lambda r, c: 1 + r * 14 + c  # noqa: E731
+    assert idx[p(0, 0), p(13, 13)] == 0 and idx[p(13, 13), p(0, 0)] == 26 * 27 + 26
+    assert idx[p(5, 7), p(5, 7)] == 13 * 27 + 13 and idx[p(2, 3), p(4, 9)] == 11 * 27 + 7
+
+
+def test_masked_positions_carry_the_mask_token():
+    m = Beit(BeitArgs(size="tiny", img_size=64, patch_size=16, depth=1, kernels="torch"))
+    seen = {}
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.update(x=args[0].detach()))
+    mask = torch.rand(2, 4, 4) < 0.5
+    m.forward_features(torch.randn(2, 3, 64, 64), mask)
+    tokens = seen["x"][:, 1:]  # cls dropped
+    assert torch.equal(tokens[mask.reshape(2, -1)], m.mask_token[0].expand(int(mask.sum()), -1).detach())
+    assert not torch.equal(tokens[~mask.reshape(2, -1)][:1], m.mask_token[0].detach())
+    assert torch.equal(seen["x"][:, 0], m.cls_token[0].expand(2, -1).detach())
+
+
+def test_fused_head_equals_plain_cross_entropy():
+    torch.manual_seed(1)
+    m = _perturbed(Beit(BeitArgs(size="tiny", img_size=64, vocab_size=90, depth=2, kernels="torch")))
+    m.eval()
+    x, mask = torch.randn(3, 3, 64, 64), torch.rand(3, 4, 4) < 0.4
+    tgt = torch.randint(0, 90, (3, 4, 4))
+    out = m(x, mask, tgt)
+    logits = m.masked_logits(x, mask)
+    ref = torch.nn.functional.cross_entropy(logits, tgt[mask])
+    torch.testing.assert_close(out["loss"], ref)
+    assert int(out["correct"]) == int((logits.argmax(-1) == tgt[mask]).sum())
+    empty = m(x, torch.zeros_like(mask), tgt)
+    assert float(empty["loss"]) == 0 and int(empty["n_masked"]) == 0
+
+
+def test_triton_kernels_in_the_model_match_torch():
+    torch.manual_seed(2)
+    base = _perturbed(Beit(BeitArgs(size="tiny", img_size=32, vocab_size=40, depth=1, kernels="torch", drop_path=0)))
+    fast = Beit(BeitArgs(size="tiny", img_size=32, vocab_size=40, depth=1, kernels="triton", drop_path=0))
+    fast.load_state_dict(base.state_dict())
+    x, mask, tgt = torch.randn(2, 3, 32, 32), torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 1]]]).bool(), \
+        torch.randint(0, 40, (2, 2, 2))
+    for mdl in (base, fast):
+        mdl(x, mask, tgt)["loss"].backward()
+    torch.testing.assert_close(fast(x, mask, tgt)["loss"], base(x, mask, tgt)["loss"], rtol=1e-5, atol=1e-6)
+    for (n, a), (_, b) in zip(base.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_flex_attention_equals_sdpa():
+    torch.manual_seed(3)
+    a = _perturbed(Beit(BeitArgs(size="tiny", img_size=32, depth=1, kernels="torch"))).eval()
+    b = Beit(BeitArgs(size="tiny", img_size=32, depth=1, kernels="torch", attention="flex")).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(b.forward_features(x), a.forward_features(x), rtol=1e-4, atol=1e-5)
+
+
+def test_options_per_block_table_and_abs_pos():
+    torch.manual_seed(4)
+    shared = _perturbed(Beit(BeitArgs(size="tiny", img_size=32, depth=2, kernels="torch"))).eval()
+    per = Beit(BeitArgs(size="tiny", img_size=32, depth=2, kernels="torch", rel_pos_bias="per_block")).eval()
+    assert per.rel_pos_bias is None and per.blocks[1].attn.relative_position_bias_table.shape == (12, 3)
+    per.load_state_dict(to_timm(shared), strict=False)
+    per.mask_token.data.copy_(shared.mask_token)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(per.forward_features(x), shared.forward_features(x))
+    ab = Beit(BeitArgs(size="tiny", img_size=32, depth=1, abs_pos_emb=True, rel_pos_bias="none", kernels="torch"))
+    assert ab.pos_embed.shape == (1, 5, 192) and ab.forward_features(x).shape == (1, 5, 192)
+
+
+def test_reference_checkpoint_keys_load():
+    m = Beit(BeitArgs(size="base", depth=2))
+    keys = set(m.state_dict())
+    for k in ("cls_token", "mask_token", "patch_embed.proj.weight", "rel_pos_bias.relative_position_bias_table",
+              "rel_pos_bias.relative_position_index", "blocks.1.attn.q_bias", "blocks.1.attn.v_bias",
+              "blocks.1.gamma_2", "blocks.1.mlp.fc2.bias", "norm.weight", "lm_head.bias"):
+        assert k in keys, k
+    other = Beit(BeitArgs(size="base", depth=2))
+    load_reference(other, {k: v.clone() for k, v in _perturbed(m).state_dict().items()})
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), other.state_dict().values()))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_parity_with_timm():
+    from timm.models.beit import Beit as TimmBeit
+
+    torch.manual_seed(5)
+    m = _perturbed(Beit(BeitArgs(size="base", img_size=64, depth=2, drop_path=0, kernels="torch"))).eval()
+    t = TimmBeit(img_size=64, patch_size=16, embed_dim=768, depth=2, num_heads=12, qkv_bias=True,
+                 use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, num_classes=0).eval()
+    missing, unexpected = t.load_state_dict(to_timm(m), strict=False)
+    assert set(missing) == {"fc_norm.weight", "fc_norm.bias"} and not unexpected
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _rel(m.forward_features(x), t.forward_features(x)) < 1e-5
+
+
+def test_parity_with_huggingface():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    m = _perturbed(Beit(BeitArgs(size="base", img_size=64, vocab_size=300, depth=2, drop_path=0, kernels="torch"))).eval()
+    cfg = transformers.BeitConfig(image_size=64, patch_size=16, hidden_size=768, num_hidden_layers=2,
+                                  num_attention_heads=12, intermediate_size=3072, use_mask_token=True,
+                                  use_shared_relative_position_bias=True, use_relative_position_bias=False,
+                                  use_absolute_position_embeddings=False, layer_norm_eps=1e-6, vocab_size=300,
+                                  layer_scale_init_value=0.1, hidden_act="gelu")
+    hf = transformers.BeitForMaskedImageModeling(cfg).eval()
+    missing, unexpected = hf.load_state_dict(to_hf(m), strict=False)
+    assert not missing and not unexpected
+    x, mask = torch.randn(2, 3, 64, 64), torch.rand(2, 4, 4) < 0.4
+    with torch.no_grad():
+        ours = m.masked_logits(x, mask)
+        theirs = hf(pixel_values=x, bool_masked_pos=mask.reshape(2, -1)).logits[mask.reshape(2, -1)]
+    assert ours.shape == theirs.shape and _rel(ours, theirs) < 1e-5
