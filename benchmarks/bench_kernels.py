@@ -78,9 +78,7 @@ def main(argv=None) -> dict:
         fast = res.get(f"{k}_triton_ms") or (res.get("head_chunked_ms") if k == "head" else None)
         if fast:
             res[f"{k}_speedup_vs_torch"] = round(res[f"{k}_torch_ms"] / fast, 3)
-    for key in sorted(res):
-        print(f"{key}: {res[key]}")
-    emit(res)
+    emit(res, show=True)
     return res
 
 

@@ -81,9 +81,7 @@ def main(argv=None) -> dict:
     offline = 1 / res["dalle_views_per_s"] * a.views
     res["offline_dalle_s_per_image_once"] = round(offline, 3)
     res["online_over_offline_cost"] = round(per_img * EPOCHS / offline, 1)
-    for k in sorted(res):
-        print(f"{k}: {res[k]}")
-    emit(res)
+    emit(res, show=True)
     return res
 
 

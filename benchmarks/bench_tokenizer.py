@@ -90,9 +90,7 @@ def main(argv=None) -> dict:
         tok = dvae_tokenizer(cfg_name, dev)
         res[f"{name}_gflop_per_image"] = round(flops_per_image(tok.net, tok.input_size) / 1e9, 3)
         res[f"{name}_images_per_s"] = round(measure(tok, batch if name == "dvae" else max(batch, 256), reps), 2)
-    for k in sorted(res):
-        print(f"{k}: {res[k]}")
-    emit(res)
+    emit(res, show=True)
     return res
 
 

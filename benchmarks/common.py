@@ -47,7 +47,11 @@ def time_median(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def emit(result: dict) -> None:
-    """The last line of every benchmark: one JSON object."""
+def emit(result: dict, show: bool = False) -> None:
+    """The last line of every benchmark: one JSON object (after `key: value` lines for a
+    person when `show`)."""
+    if show:
+        for k in sorted(result):
+            print(f"{k}: {result[k]}")
     result = dict(result, machine=machine_info())
     print(json.dumps(result, sort_keys=True))

@@ -134,7 +134,7 @@ def load_dalle_weights(path: str | Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"DALL-E encoder weights not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as plain_err:
+    except Exception:
         # Not a plain state dict: try a pickled dall_e.Encoder through the allow-list.
         try:
             with torch.serialization.safe_globals(_dalle_allow_list()):
@@ -144,7 +144,6 @@ def load_dalle_weights(path: str | Path) -> tuple[dict, dict]:
         except Exception as e:
             raise ValueError(f"refusing to load {path}: it is neither a state dict nor a pickled "
                              f"dall_e.Encoder ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-        del plain_err
     if isinstance(obj, nn.Module):
         if type(obj).__name__ != "Encoder" or type(obj).__module__ != "dall_e.encoder":
             raise ValueError(f"refusing to load {path}: holds a {type(obj).__module__}.{type(obj).__name__}, "
