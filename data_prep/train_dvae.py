@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     step = 0
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists() and not args.fresh:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain types only
         if ck.get("format") != CKPT_FORMAT:
             print(f"train_dvae: {ckpt_path} is not a dVAE checkpoint of this version; use --fresh", file=sys.stderr)
             return 2

@@ -150,10 +150,12 @@ class TokenCache:
                 "views": np.load(self.path / n["views"], mmap_mode="r"),
                 "tokens": np.load(self.path / n["tokens"], mmap_mode="r"),
             })
-        # (shard, row) of every tokenized image, in source order
-        self.index = np.array([(s, r) for s, sh in enumerate(self._shards) for r in np.flatnonzero(sh["meta"]["ok"])],
-                              dtype=np.int64).reshape(-1, 2)
-        self.labels = np.array([self._shards[s]["meta"]["label"][r] for s, r in self.index], np.int64)
+        # (shard, row) of every tokenized image, in source order; vectorised per shard
+        ok_rows = [np.flatnonzero(sh["meta"]["ok"]) for sh in self._shards]
+        self.index = np.concatenate([np.stack([np.full(len(r), s), r], 1) for s, r in enumerate(ok_rows)]
+                                    + [np.zeros((0, 2), np.int64)]).astype(np.int64)
+        self.labels = np.concatenate([np.asarray(sh["meta"]["label"][r], np.int64)
+                                      for sh, r in zip(self._shards, ok_rows)] + [np.zeros(0, np.int64)])
 
     def __len__(self) -> int:
         return len(self.index)
