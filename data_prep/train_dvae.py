@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, DVAEConfig, cli_config  # noqa: E402
 from beitfast.data.images import BadImage, decode_rgb, list_imagefolder  # noqa: E402
+from beitfast.runlog import atomic_save, reset_metrics  # noqa: E402
 from beitfast.tokenizers.dvae import DVAE, DVAEArch  # noqa: E402
 
 CKPT_FORMAT = "beitfast-dvae-ckpt/1"
@@ -213,29 +214,6 @@ def save_curves(rows: list[dict], path: Path) -> None:
     os.replace(path.with_name(path.name + ".tmp.png"), path)
 
 
-# ----------------------------------------------------------------------------- checkpoint
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def read_metrics(path: Path, upto_step: int) -> list[dict]:
-    """Metric rows at or before `upto_step` (rows written after the last checkpoint by a
-    killed run are dropped, so a resumed run does not duplicate them)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if r["step"] <= upto_step:
-            rows.append(r)
-    return rows
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
@@ -308,9 +286,7 @@ def main(argv=None) -> int:
         if main_proc:
             print(f"[dvae] resumed from {ckpt_path} at step {step}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    rows = read_metrics(out / "metrics.jsonl", step) if main_proc else []
-    if main_proc:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = reset_metrics(out / "metrics.jsonl", step) if main_proc else []
 
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(step, cfg.train.steps)), batch_size=None, shuffle=False,

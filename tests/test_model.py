@@ -18,7 +18,8 @@ def _perturbed(model, seed=0):
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_every_size_trains(size):
-    m = Beit(BeitArgs(size=size, img_size=32, patch_size=16, vocab_size=50, depth=2, kernels="torch"))
+    # drop path off: a block dropped for every sample rightly leaves its gamma without gradient
+    m = Beit(BeitArgs(size=size, img_size=32, patch_size=16, vocab_size=50, depth=2, kernels="torch", drop_path=0.0))
     x = torch.randn(2, 3, 32, 32)
     mask = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool).reshape(2, 2, 2)
     out = m(x, mask, torch.randint(0, 50, (2, 2, 2)))
@@ -33,6 +34,17 @@ def test_every_size_trains(size):
     assert m.mask_token.grad.abs().sum() > 0
     dim, depth, heads, ls = SIZES[size]
     assert m.cls_token.shape == (1, 1, dim) and m.blocks[0].gamma_1.eq(ls).all()
+
+
+def test_drop_path_drops_whole_samples():
+    torch.manual_seed(0)
+    m = Beit(BeitArgs(size="tiny", img_size=32, depth=2, drop_path=0.5, kernels="torch"))
+    blk = m.blocks[1]
+    assert blk.drop_path == 0.5
+    keep = blk._keep(torch.zeros(4000, 1, 1))
+    assert set(keep.unique().tolist()) == {0.0, 2.0} and abs(float((keep > 0).float().mean()) - 0.5) < 0.03
+    m.eval()
+    assert blk._keep(torch.zeros(3, 1, 1)).eq(1).all()
 
 
 def test_base_structure_and_init():

@@ -1,0 +1,66 @@
+"""Training batches from a token cache: the reference loader backend.
+
+The batch contract every backend yields (the training loop never branches on the backend):
+    images  float (B, 3, S, S), normalised with data.mean / data.std, on the device
+    tokens  long  (B, h, w), the cached tokens of exactly the rendered view
+    mask    bool  (B, h, w), blockwise masks (seed, epoch, index)
+    index   long  (B,), source indices (for debugging and resume checks)
+
+Each epoch, image j uses cached view `pick_view(seed, epoch, j, K)`, rendered at the model's
+size (bicubic, antialiased) by the shared view code; batches are slices of a permutation
+seeded by (seed, epoch), split across ranks, so a batch is a pure function of (seed, epoch,
+step, rank, world size) and a resumed run replays the same data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from beitfast.data.cache import TokenCache
+from beitfast.data.views import VIEW_DTYPE, ViewRenderer, pick_view
+from beitfast.masking import MaskGenerator, MaskSpec
+
+
+class CachedViewLoader:
+    def __init__(self, cache: TokenCache, cfg, rank: int = 0, world: int = 1, device="cpu"):
+        self.cache, self.cfg, self.rank, self.world = cache, cfg, rank, world
+        self.device = torch.device(device)
+        self.batch = cfg.data.batch_size
+        self.seed = cfg.train.seed
+        grid = cfg.model.img_size // cfg.model.patch_size
+        cache_grid = cache.settings["tokenizer"]["grid"]
+        if list(cache_grid) != [grid, grid]:
+            raise ValueError(f"{cache.path}: tokens are on a {cache_grid} grid but the model has {grid}x{grid} "
+                             f"patches (model.img_size / model.patch_size)")
+        self.grid = grid
+        self.masks = MaskGenerator(MaskSpec.from_config(cfg.mask, grid), seed=cfg.mask.seed)
+        self.renderer = ViewRenderer(cfg.model.img_size, "cubic", self.batch,
+                                     "gpu" if self.device.type == "cuda" else "cpu", cfg.data.num_threads,
+                                     self.device.index or 0)
+        self.mean = torch.tensor(cfg.data.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(cfg.data.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.steps_per_epoch = len(cache) // (self.batch * world)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
+                             f"({self.batch} x {world} ranks)")
+
+    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.cache))
+        start = (step * self.world + self.rank) * self.batch
+        return perm[start:start + self.batch]
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Batches of `epoch` from `start_step` on (the contract in the module docstring)."""
+        k = self.cache.views_per_image
+        for step in range(start_step, self.steps_per_epoch):
+            idx = self.batch_indices(epoch, step)
+            which = pick_view(self.seed, epoch, idx, k)
+            items = [self.cache.item(int(j)) for j in idx]
+            jpegs = [np.asarray(it[0]) for it in items]
+            views = np.array([it[2][v] for it, v in zip(items, which)], VIEW_DTYPE)
+            tokens = np.stack([it[3][v] for it, v in zip(items, which)]).astype(np.int64)
+            images = (self.renderer.render(jpegs, views).to(self.device) - self.mean) / self.std
+            yield {"images": images,
+                   "tokens": torch.from_numpy(tokens).view(-1, self.grid, self.grid).to(self.device),
+                   "mask": torch.from_numpy(self.masks(idx, epoch)).to(self.device),
+                   "index": torch.from_numpy(idx.astype(np.int64))}

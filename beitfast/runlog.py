@@ -1,0 +1,40 @@
+"""Run-directory helpers shared by the trainers: atomic checkpoints, resumable metric logs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save under a temporary name, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path, upto_step: int) -> list[dict]:
+    """Metric rows at or before `upto_step` (rows written after the last checkpoint by a
+    killed run are dropped, so a resumed run does not duplicate them)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if r["step"] <= upto_step:
+            rows.append(r)
+    return rows
+
+
+def reset_metrics(path: Path, upto_step: int) -> list[dict]:
+    """Rewrite the log with only the rows up to `upto_step` (the resume point); return them."""
+    rows = read_metrics(path, upto_step)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return rows

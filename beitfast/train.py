@@ -1,0 +1,208 @@
+"""BEiT pretraining: masked image modeling on cached tokens.
+
+    torchrun --nproc_per_node=8 beitfast/train.py --cfg base.yaml [section.key=value ...]
+    python beitfast/train.py --cfg tiny.yaml data.cache=runs/demo/cache     (CPU)
+
+Reads in data-flow order: config -> distributed setup -> data -> model -> optimizer ->
+loop -> checkpoints. Writes to log.out_dir: config.yaml (resolved), metrics.jsonl, ckpt.pt
+(atomic; `['model']` holds the reference key names; a re-run resumes from it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from beitfast.config import ConfigError, cli_config
+from beitfast.data.cache import CacheError, TokenCache, expected_settings
+from beitfast.data.loader import CachedViewLoader
+from beitfast.model import Beit, BeitArgs
+from beitfast.runlog import atomic_save, reset_metrics
+
+CKPT_FORMAT = "beitfast-pretrain-ckpt/1"
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warmup from 0, then cosine to min_lr (per step, as the reference)."""
+    if step < warmup:
+        return lr * step / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: Beit, weight_decay: float) -> list[dict]:
+    """No decay for 1-D parameters (biases, norms, gammas, q/v biases), cls_token and
+    pos_embed (REFERENCE.md section 4); like the reference, mask_token and the rel-pos table
+    are decayed."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_table = name.endswith("relative_position_bias_table")
+        (no_decay if (p.ndim == 1 or name in skip) and not is_table else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(groups, o, device):
+    if o.fused in ("auto", "apex"):
+        try:
+            from apex.optimizers import FusedAdam
+
+            if device.type == "cuda":
+                return FusedAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
+        except ImportError:
+            if o.fused == "apex":
+                raise RuntimeError("optim.fused=apex but Apex is not installed (see README)") from None
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+
+
+def main(argv=None) -> int:
+    # --- config
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stop_at = 0  # --stop-at N: exit after the checkpoint at step N, as if killed (resume tests)
+    if "--stop-at" in argv:
+        i = argv.index("--stop-at")
+        stop_at = int(argv[i + 1])
+        del argv[i:i + 2]
+    try:
+        cfg = cli_config(argv)
+    except ConfigError as e:
+        print(f"train: config error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.data.cache:
+        print("train: data.cache is empty: build a token cache with data_prep/tokenize_imagenet.py and pass "
+              "data.cache=DIR", file=sys.stderr)
+        return 2
+
+    # --- distributed setup
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    main_proc = rank == 0
+    out = Path(cfg.log.out_dir)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.dump(out / "config.yaml")
+    torch.manual_seed(cfg.train.seed + rank)
+
+    # --- data
+    try:
+        cache = TokenCache(cfg.data.cache)
+        cache.check(expected_settings(cfg, cache.settings["tokenizer"]))
+        if cache.settings["tokenizer"]["vocab_size"] != cfg.model.vocab_size:
+            raise CacheError(f"{cache.path}: tokenizer vocabulary {cache.settings['tokenizer']['vocab_size']} "
+                             f"!= model.vocab_size {cfg.model.vocab_size}")
+        loader = CachedViewLoader(cache, cfg, rank, world, device)
+    except (CacheError, ValueError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+    steps_per_epoch = loader.steps_per_epoch
+    total = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+
+    # --- model, optimizer
+    model = Beit(BeitArgs.from_config(cfg.model)).to(device)
+    opt = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, device)
+    step = 0
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("format") != CKPT_FORMAT:
+            print(f"train: {ckpt_path} is not a checkpoint of this trainer; move it away", file=sys.stderr)
+            return 2
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        if main_proc:
+            print(f"[train] resumed from {ckpt_path} at step {step}")
+    if main_proc:
+        reset_metrics(out / "metrics.jsonl", step)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cuda else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    def checkpoint(at: int) -> None:
+        rng = [torch.get_rng_state()]
+        if world > 1:
+            rng = [None] * world
+            dist.all_gather_object(rng, torch.get_rng_state())
+        if main_proc:
+            atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "step": at, "epoch": at // steps_per_epoch, "rng": rng, "config": cfg.to_dict()}, ckpt_path)
+
+    # --- loop
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
+    acc = torch.zeros(3, device=device)  # loss sum, correct, masked: reduced every log.every steps
+    n_acc, t0 = 0, time.time()
+    model.train()
+    ckpt_every = max(1, cfg.log.ckpt_every_epochs * steps_per_epoch)
+    while step < total:
+        epoch = step // steps_per_epoch
+        for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
+            lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                o = ddp(batch["images"], batch["mask"], batch["tokens"])
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(o["loss"]).backward()
+                scaler.unscale_(opt)
+            else:
+                o["loss"].backward()
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            acc += torch.stack([o["loss"].detach().float(), o["correct"].float(), o["n_masked"].float()])
+            n_acc += 1
+            step += 1
+            bar.update()
+            if step % cfg.log.every == 0 or step == total:
+                if world > 1:
+                    dist.all_reduce(acc)
+                loss_sum, correct, masked = acc.tolist()  # the one host sync per report
+                row = {"step": step, "epoch": epoch, "loss": round(loss_sum / (n_acc * world), 5),
+                       "mim_acc": round(correct / max(1.0, masked), 5), "lr": lr,
+                       "images_per_s": round(n_acc * loader.batch * world / (time.time() - t0), 2)}
+                if main_proc:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=row["loss"], acc=row["mim_acc"])
+                acc.zero_()
+                n_acc, t0 = 0, time.time()
+            if step % ckpt_every == 0 or step == total or step == stop_at:
+                checkpoint(step)
+            if step >= total or step == stop_at:
+                break
+        if stop_at and step == stop_at:
+            break
+    bar.close()
+    if main_proc:
+        print(f"[train] {step} steps done; checkpoint {ckpt_path}, metrics {out / 'metrics.jsonl'}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

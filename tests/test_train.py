@@ -1,0 +1,111 @@
+"""The pretraining driver and its loader, end to end on CPU on a tiny cache."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from beitfast.config import load_config
+from beitfast.data.cache import TokenCache
+from beitfast.data.loader import CachedViewLoader
+from beitfast.data.views import pick_view
+from beitfast.masking import MaskGenerator, MaskSpec
+from beitfast.tokenizers.dvae import DVAE, DVAEArch
+from tests.conftest import ROOT
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def cache(toy_root, tmp_path_factory):
+    from data_prep.tokenize_imagenet import main as tokenize
+
+    d = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    torch.save(DVAE(DVAEArch(vocab_size=VOCAB, n_hid=16, n_init=16, n_blk_per_group=1, downsample=4)).export(32),
+               d / "tok.pt")
+    over = [f"tokenizer.path={d / 'tok.pt'}", "data.views=2"]
+    assert tokenize(["--data", str(toy_root), "--out", str(d / "cache"), "--cfg", "tiny.yaml", "--no-progress",
+                     "--max-reject", "0.05", *over]) == 0
+    return d / "cache", over
+
+
+def _args(cache, out, *extra):
+    path, over = cache
+    return ["--cfg", "tiny.yaml", f"data.cache={path}", f"log.out_dir={out}", f"model.vocab_size={VOCAB}",
+            "data.batch_size=8", "train.epochs=2", "log.every=2", "log.progress=false", "optim.warmup_epochs=0.5",
+            *over, *extra]
+
+
+def _train(cache, out, *extra, nproc=1, cwd=None):
+    script = str(ROOT / "beitfast" / "train.py")
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), script] if nproc > 1
+           else [sys.executable, script])
+    r = subprocess.run(cmd + _args(cache, out, *extra), cwd=cwd or ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return r
+
+
+def test_batch_contract(cache):
+    path, over = cache
+    cfg = load_config("tiny", [f"data.cache={path}", f"model.vocab_size={VOCAB}", "data.batch_size=8", *over])
+    c = TokenCache(path)
+    loader = CachedViewLoader(c, cfg)
+    b = next(loader.epoch(3, start_step=2))
+    assert b["images"].shape == (8, 3, 64, 64) and b["images"].dtype == torch.float32
+    assert b["tokens"].shape == (8, 8, 8) and b["tokens"].dtype == torch.int64 and int(b["tokens"].max()) < VOCAB
+    assert b["mask"].shape == (8, 8, 8) and b["mask"].dtype == torch.bool
+    idx = b["index"].numpy()
+    np.testing.assert_array_equal(idx, loader.batch_indices(3, 2))
+    which = pick_view(cfg.train.seed, 3, idx, 2)
+    want = np.stack([c.item(int(j))[3][v] for j, v in zip(idx, which)]).reshape(8, 8, 8)
+    np.testing.assert_array_equal(b["tokens"].numpy(), want)
+    np.testing.assert_array_equal(b["mask"].numpy(), MaskGenerator(MaskSpec.from_config(cfg.mask, 8), 0)(idx, 3))
+    mean = b["images"].mean().item()
+    assert -2.5 < mean < 2.5 and b["images"].std().item() > 0.2  # normalised
+    # ranks take disjoint slices of the same permutation
+    r0 = CachedViewLoader(c, cfg, rank=0, world=2).batch_indices(1, 0)
+    r1 = CachedViewLoader(c, cfg, rank=1, world=2).batch_indices(1, 0)
+    assert not set(r0) & set(r1)
+
+
+def test_trains_from_any_directory_with_a_bare_config_name(cache, tmp_path):
+    out = tmp_path / "run"
+    r = _train(cache, out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 28 and [r["step"] for r in rows] == list(range(2, 29, 2))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3, (rows[0], rows[-1])  # it learns
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 28 and "rel_pos_bias.relative_position_bias_table" in ck["model"]
+    assert ck["config"]["model"]["vocab_size"] == VOCAB and (out / "config.yaml").exists()
+
+
+def test_resume_is_bitwise(cache, tmp_path):
+    assert _train(cache, tmp_path / "a").returncode == 0
+    r = _train(cache, tmp_path / "b", "--stop-at", "11")
+    assert r.returncode == 0 and not (tmp_path / "b" / "metrics.jsonl").read_text().count('"step": 12')
+    r = _train(cache, tmp_path / "b")
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_refuses_a_cache_built_otherwise(cache, tmp_path):
+    r = _train(cache, tmp_path / "x", "data.views=5")
+    assert r.returncode == 2 and "views: cache has 2, config wants 5" in r.stderr
+    r = _train(cache, tmp_path / "y", "model.vocab_size=100")
+    assert r.returncode == 2 and "vocabulary" in r.stderr
+
+
+def test_ddp_two_processes(cache, tmp_path):
+    r = _train(cache, tmp_path / "ddp", "train.max_steps=4", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 4
