@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from beitfast import distributed
 from beitfast.config import ConfigError, cli_config
 from beitfast.data.cache import CacheError, TokenCache, expected_settings
 from beitfast.data.loader import CachedViewLoader
@@ -81,20 +80,12 @@ def main(argv=None) -> int:
               "data.cache=DIR", file=sys.stderr)
         return 2
 
-    # --- distributed setup
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(device)
+    started = distributed.start_run(cfg, "train")
+    if started is None:
+        return 2
+    world, rank, device, out = started
+    cuda = device.type == "cuda"
     main_proc = rank == 0
-    out = Path(cfg.log.out_dir)
-    if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.dump(out / "config.yaml")
-    torch.manual_seed(cfg.train.seed + rank)
 
     # --- data
     try:
@@ -136,10 +127,7 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     def checkpoint(at: int) -> None:
-        rng = [torch.get_rng_state()]
-        if world > 1:
-            rng = [None] * world
-            dist.all_gather_object(rng, torch.get_rng_state())
+        rng = distributed.rng_states(world)
         if main_proc:
             atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "step": at, "epoch": at // steps_per_epoch, "rng": rng, "config": cfg.to_dict()}, ckpt_path)

@@ -99,7 +99,6 @@ def main(argv=None) -> dict:
             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         res["options"][name] = row
         print(f"{name}: {row}")
-        del model, opt, fwd
     best = max((r for r in res["options"].values() if "images_per_s" in r), key=lambda r: r["images_per_s"])
     base = res["options"].get("unfused_eager_sdpa", {})
     res.update({"images_per_s": best["images_per_s"], "mfu": best["mfu"], "peak_mem_gb": best.get("peak_mem_gb"),

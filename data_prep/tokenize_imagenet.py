@@ -34,7 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import (MAGIC, META_DTYPE, VERSION, CacheError, atomic_write_json,  # noqa: E402
-                                 diff_settings, expected_settings, read_done, shard_files, write_shard)
+                                 diff_settings, expected_settings, read_done, write_shard)
 from beitfast.data.images import BadImage, list_imagefolder, prepare_for_cache  # noqa: E402
 from beitfast.data.views import VIEW_DTYPE, AugSpec, ViewRenderer, sample_views  # noqa: E402
 from beitfast.tokenizers import build_tokenizer  # noqa: E402

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from beitfast import distributed  # noqa: E402
 from beitfast.config import ConfigError, DVAEConfig, cli_config  # noqa: E402
 from beitfast.data.images import BadImage, decode_rgb, list_imagefolder  # noqa: E402
 from beitfast.runlog import atomic_save, reset_metrics  # noqa: E402
@@ -227,26 +227,14 @@ def main(argv=None) -> int:
         print(f"train_dvae: config error: {e}", file=sys.stderr)
         return 2
 
-    # --- distributed setup
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        print("train_dvae: train.device=cuda but no GPU is visible", file=sys.stderr)
+    started = distributed.start_run(cfg, "train_dvae")
+    if started is None:
         return 2
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if want_cuda else torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-    if want_cuda:
-        torch.cuda.set_device(device)
+    world, rank, device, out = started
+    want_cuda = device.type == "cuda"
     main_proc = rank == 0
-    out = Path(cfg.log.out_dir)
-    if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.dump(out / "config.yaml")
 
     # --- data
-    torch.manual_seed(cfg.train.seed + rank)
     train_im = Images(cfg.data.root, cfg.data.split, cfg.data.preload_side)
     val_im = Images(cfg.data.root, cfg.data.val_split, cfg.data.preload_side)
     batches = StepBatches(train_im, cfg, rank, world)
@@ -306,11 +294,7 @@ def main(argv=None) -> int:
                 "baseline_psnr": round(baseline_psnr, 3), "perplexity": round(ppl, 2), "used_fraction": round(used, 4)}
 
     def checkpoint(at: int) -> None:
-        rng = [torch.get_rng_state()]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
+        rng = distributed.rng_states(world)
         if main_proc:
             atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "opt": opt.state_dict(),
                          "ema": ema.state_dict() if ema is not None else None, "step": at, "rng": rng,

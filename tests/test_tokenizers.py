@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from beitfast.config import DVAEConfig, load_config
+from beitfast.config import load_config
 from beitfast.tokenizers import build_tokenizer, weights_checksum
 from beitfast.tokenizers.dalle import DalleEncoder, DalleTokenizer, load_dalle_weights
 from beitfast.tokenizers.dvae import DVAE, DVAEArch, DVAETokenizer, load_export

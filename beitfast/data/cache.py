@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from beitfast.data.views import VIEW_DTYPE
-
 MAGIC = "beitfast-token-cache"
 VERSION = 1
 META_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("label", "<i4"), ("height", "<i4"),
