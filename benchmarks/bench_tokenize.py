@@ -8,13 +8,16 @@ weights: our tiny dVAE (configs/tiny.yaml) and the DALL-E encoder at full size (
 14x14 of 8192; a scaled-down one with --tiny). Baseline measured in the same run: the same
 tokenizer run online, as the reference does, i.e. its forward on a training batch every
 step; reported as ms per step at 128 images per GPU and as the total over 800 epochs against
-the one-off offline cost of K views. GPU when present (DALI mixed decoder, bf16). Last line:
-one JSON object.
+the one-off offline cost of K views. GPU when present (DALI mixed decoder, bf16). Also the
+peak resident memory of the stage (a fresh process each) on a dataset and on one 4x larger:
+`rss_growth_4x_data` near 1.0 means memory does not grow with the dataset. Last line: one
+JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +33,35 @@ from data_prep.make_toy_imagenet import make  # noqa: E402
 from data_prep.tokenize_imagenet import main as tokenize  # noqa: E402
 
 EPOCHS, STEP_BATCH = 800, 128
+ROOT = Path(__file__).resolve().parent.parent
+# VmHWM is the peak RSS of the process's own address space; getrusage's ru_maxrss is not
+# usable here: Linux carries it over from the parent through fork and exec.
+_RSS_PROBE = ("import re, sys; sys.path.insert(0, sys.argv.pop(1)); "
+              "from data_prep.tokenize_imagenet import main; rc = main(sys.argv[1:]); "
+              "print('peak_rss_kb', re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); "
+              "sys.exit(rc)")
+
+
+def peak_rss_mb(args: list[str]) -> float:
+    """Peak resident memory (MiB) of one tokenize_imagenet run in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(ROOT), *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"tokenize_imagenet {' '.join(args)} failed:\n{out.stderr[-2000:]}")
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("peak_rss_kb")][-1]
+    return int(line.split()[1]) / 1024
+
+
+def memory_growth(tmp: Path, tokenizer_args: list[str], views: int, per_class: int) -> dict:
+    """Peak RSS of the stage on 4 x per_class images and on 4x as many (same shard size)."""
+    res = {}
+    for name, n in (("small", per_class), ("large", 4 * per_class)):
+        make(tmp / f"mem_{name}", classes=4, per_class=n, val_per_class=0, seed=1, progress=False)
+        res[f"rss_mb_{name}_{4 * n}_images"] = round(peak_rss_mb(
+            ["--data", str(tmp / f"mem_{name}"), "--out", str(tmp / f"mem_cache_{name}"), "--views", str(views),
+             "--no-progress", "--shard-size", "32", *tokenizer_args]), 1)
+    small, large = res.values()
+    res["rss_growth_4x_data"] = round(large / small, 3)
+    return res
 
 
 def main(argv=None) -> dict:
@@ -65,6 +97,7 @@ def main(argv=None) -> dict:
             assert rc == 0, f"tokenization failed for {name}"
             res[f"{name}_views_per_s"] = round(n_img * a.views / dt, 2)
             res[f"{name}_images_per_s"] = round(n_img / dt, 2)
+        res.update(memory_growth(tmp, cases["dvae_tiny"], a.views, 8 if a.tiny else 128))
         # online baseline: the DALL-E tokenizer's forward on every training batch
         tok = DalleTokenizer(enc, 64 if a.tiny else 112, device=dev)
         b = 256 if cuda else 4

@@ -131,13 +131,14 @@ def oddities(n_train: int, corrupt: bool) -> dict[int, str]:
     return {i * step + step // 2: k for i, k in enumerate(kinds)}
 
 
-def make(out: Path, classes: int = 10, per_class: int = 100, val_per_class: int = 20,
+def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class: int = 20,
          seed: int = 0, corrupt: bool = False, progress: bool = True) -> dict:
     """Write the dataset to `out` (atomically) and return its manifest."""
     if classes < 1 or per_class < 1 or val_per_class < 0:
         raise ValueError(f"need classes >= 1, per_class >= 1, val_per_class >= 0; got {classes}, {per_class}, {val_per_class}")
     args = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class,
             "seed": seed, "corrupt": corrupt}
+    out = Path(out)
     manifest_path = out / "toy_manifest.json"
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())

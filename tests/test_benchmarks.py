@@ -12,7 +12,8 @@ from tests.conftest import ROOT
 @pytest.mark.parametrize("script,keys", [
     ("bench_masking.py", ["numba_masks_per_s", "reference_masks_per_s", "speedup", "batch2048_ms"]),
     ("bench_tokenizer.py", ["dalle_images_per_s", "dalle_gflop_per_image", "dvae_tiny_images_per_s"]),
-    ("bench_tokenize.py", ["dvae_tiny_views_per_s", "dalle_images_per_s", "online_dalle_ms_per_step_b128"]),
+    ("bench_tokenize.py", ["dvae_tiny_views_per_s", "dalle_images_per_s", "online_dalle_ms_per_step_b128",
+                          "rss_growth_4x_data"]),
     ("bench_kernels.py", ["layernorm_torch_ms", "residual_torch_ms", "head_torch_ms", "head_chunked_ms"]),
     ("bench_model.py", ["images_per_s", "mfu", "matmul_peak_tflops"]),
 ])

@@ -152,7 +152,7 @@ class ViewRenderer:
                  device_id: int = 0):
         from nvidia.dali import fn, pipeline_def, types
 
-        self.size, self.batch_size, self.device = size, batch_size, device
+        self.size, self.batch_size, self.device, self.device_id = size, batch_size, device, device_id
         interp_type = {"lanczos": types.INTERP_LANCZOS3, "cubic": types.INTERP_CUBIC}[interp]
         gpu = device == "gpu"
 
@@ -191,7 +191,8 @@ class ViewRenderer:
         if self.device == "gpu":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            t = torch.empty((self.batch_size, 3, self.size, self.size), dtype=torch.uint8, device="cuda")
+            t = torch.empty((self.batch_size, 3, self.size, self.size), dtype=torch.uint8,
+                            device=torch.device("cuda", self.device_id))
             feed_ndarray(out.as_tensor(), t)
         else:
             t = torch.from_numpy(np.array(out.as_tensor()))
