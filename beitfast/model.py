@@ -238,13 +238,17 @@ class Beit(nn.Module):
             t = blk(t, bias)
         return t
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> dict:
-        """MIM step: loss (cross-entropy on masked positions), correct and n_masked counts
-        (device tensors: no host sync)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+                max_masked: int | None = None) -> dict:
+        """MIM step: loss (cross-entropy on masked positions), correct and n_masked counts as
+        device tensors. max_masked, an upper bound on the masked patches of one image (the mask
+        budget), keeps every shape static, so the step never waits on the GPU; without it the
+        masked gather reads the count on the host once."""
         h = self.norm(self.forward_features(x, mask))[:, 1:]  # (B, N, D), cls dropped
         b = h.shape[0]
         loss, correct, n = kernels.masked_head(h, mask.reshape(b, -1), self.lm_head.weight, self.lm_head.bias,
-                                               targets.reshape(b, -1), self.args.kernels)
+                                               targets.reshape(b, -1), self.args.kernels,
+                                               None if max_masked is None else b * max_masked)
         return {"loss": loss, "correct": correct, "n_masked": n}
 
     def masked_logits(self, x, mask):

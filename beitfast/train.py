@@ -147,7 +147,7 @@ def main(argv=None) -> int:
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                o = ddp(batch["images"], batch["mask"], batch["tokens"])
+                o = ddp(batch["images"], batch["mask"], batch["tokens"], cfg.mask.num_patches)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(o["loss"]).backward()

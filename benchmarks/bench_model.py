@@ -4,7 +4,9 @@
 
 One step = forward, masked-token loss, backward, AdamW (fused) step. Options compared in one
 run: kernels fused (config `auto`: Triton/Apex on CUDA) vs unfused (`torch`), attention SDPA vs
-FlexAttention, eager vs torch.compile (with --compile; on by default on CUDA). MFU = model
+FlexAttention, eager vs torch.compile (with --compile; on by default on CUDA), and the masked
+head's static-shape gather (`max_masked` = the budget, no host sync; every row but one) vs
+the exact-size boolean gather. Masks are real BEiT block masks (40% budget). MFU = model
 FLOPs per second (counted by torch's FlopCounterMode on one step, 2 per multiply-add) over a
 matmul peak measured in the same run (bf16 on CUDA, fp32 on CPU). Warm-up and compilation
 are outside the clock; CUDA timing by events. Last line: one JSON object; the baseline is the
@@ -20,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import emit, time_median  # noqa: E402
+from beitfast.masking import MaskGenerator, MaskSpec  # noqa: E402
 from beitfast.model import Beit, BeitArgs  # noqa: E402
 
 
@@ -62,23 +65,25 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     grid = img // 16
     x = torch.randn(batch, 3, img, img, device=dev)
-    mask = torch.rand(batch, grid, grid, device=dev) < 0.4
+    budget = round(0.4 * grid * grid)
+    mask = torch.from_numpy(MaskGenerator(MaskSpec(grid, grid, budget, min_patches=min(16, budget)))(range(batch))).to(dev)
     tgt = torch.randint(0, 8192, (batch, grid, grid), device=dev)
     peak = matmul_peak(dev, dt)
     res = {"bench": "model", "device": dev, "size": size, "img": img, "batch": batch, "dtype": str(dt).split(".")[-1],
            "matmul_peak_tflops": round(peak / 1e12, 3), "tiny": a.tiny, "options": {}}
-    options = [("unfused_eager_sdpa", "torch", "sdpa", False), ("fused_eager_sdpa", "auto", "sdpa", False),
-               ("fused_eager_flex", "auto", "flex", False)]
+    options = [("unfused_eager_sdpa", "torch", "sdpa", False, budget),
+               ("fused_eager_sdpa_bool_gather", "auto", "sdpa", False, None),
+               ("fused_eager_sdpa", "auto", "sdpa", False, budget), ("fused_eager_flex", "auto", "flex", False, budget)]
     if use_compile:
-        options += [("fused_compiled_sdpa", "auto", "sdpa", True)]
-    for name, kern, attn, comp in options:
+        options += [("fused_compiled_sdpa", "auto", "sdpa", True, budget)]
+    for name, kern, attn, comp, max_masked in options:
         model = Beit(BeitArgs(size=size, img_size=img, depth=depth, kernels=kern, attention=attn)).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         fwd = torch.compile(model) if comp else model
 
         def step():
             with torch.autocast(dev, dtype=dt, enabled=cuda):
-                out = fwd(x, mask, tgt)
+                out = fwd(x, mask, tgt, max_masked)
             out["loss"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -68,9 +68,10 @@ def residual_add(x, y, gamma, scale, impl: str = "auto"):
     return residual_ref(x, y, gamma, scale)
 
 
-def masked_head(h, mask, weight, bias, targets, impl: str = "auto"):
-    """(loss, correct, n_masked) of the LM head on masked rows, without full logits kept."""
+def masked_head(h, mask, weight, bias, targets, impl: str = "auto", max_rows: int | None = None):
+    """(loss, correct, n_masked) of the LM head on masked rows, without full logits kept.
+    max_rows: an upper bound on mask.sum(); given, no step reads a device value on the host."""
     r = resolve("masked_head", impl, h)
     if r == "torch":
-        return masked_head_ref(h, mask, weight, bias, targets)
-    return masked_head_fused(h, mask, weight, bias, targets, use_triton=True)
+        return masked_head_ref(h, mask, weight, bias, targets, max_rows)
+    return masked_head_fused(h, mask, weight, bias, targets, use_triton=True, max_rows=max_rows)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels as K
-from kernels.masked_head import masked_head_fused
+from kernels.masked_head import masked_head_fused, masked_index
 
 pytestmark = pytest.mark.skipif(not K.HAVE_TRITON, reason="triton not installed")
 
@@ -55,33 +55,73 @@ def test_residual(b, n, d):
 
 @pytest.mark.parametrize("use_triton", [True, False])
 @pytest.mark.parametrize("chunk", [3, 4096])
-def test_masked_head(use_triton, chunk):
+@pytest.mark.parametrize("pad", [None, 0, 5])
+def test_masked_head(use_triton, chunk, pad):
+    """Fused head (dynamic, or padded to max_rows = n + pad) equals the plain twin, fwd and bwd."""
     b, n, d, v = 3, 11, 16, 70
     h = torch.randn(b, n, d, requires_grad=True)
     w, bias = (torch.randn(v, d) * 0.3).requires_grad_(), torch.randn(v).requires_grad_()
     mask = torch.rand(b, n) < 0.45
     mask[0, 0] = True
     tgt = torch.randint(0, v, (b, n))
+    tgt[mask] = torch.randint(0, v, (int(mask.sum()),))
+    max_rows = None if pad is None else int(mask.sum()) + pad
     res = {}
-    for name, fn in (("fast", lambda: masked_head_fused(h, mask, w, bias, tgt, use_triton=use_triton, chunk=chunk)),
-                     ("ref", lambda: K.masked_head(h, mask, w, bias, tgt, impl="torch"))):
+    for name, fn in (("fast", lambda: masked_head_fused(h, mask, w, bias, tgt, use_triton=use_triton, chunk=chunk,
+                                                        max_rows=max_rows)),
+                     ("ref", lambda: K.masked_head(h, mask, w, bias, tgt, impl="torch")),
+                     ("ref_static", lambda: K.masked_head(h, mask, w, bias, tgt, impl="torch", max_rows=max_rows))):
         for t in (h, w, bias):
             t.grad = None
         loss, correct, cnt = fn()
         (loss * 1.7).backward()
         res[name] = (loss.detach(), correct, cnt, h.grad.clone(), w.grad.clone(), bias.grad.clone())
-    assert int(res["fast"][1]) == int(res["ref"][1]) and int(res["fast"][2]) == int(mask.sum())
-    for f, s in zip(res["fast"][3:] + res["fast"][:1], res["ref"][3:] + res["ref"][:1]):
-        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-6)
+    for name in ("fast", "ref_static"):
+        assert int(res[name][1]) == int(res["ref"][1]) and int(res[name][2]) == int(mask.sum())
+        for f, s in zip(res[name][3:] + res[name][:1], res["ref"][3:] + res["ref"][:1]):
+            torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-6)
 
 
-def test_masked_head_no_masked_rows():
+@pytest.mark.parametrize("max_rows", [None, 6])
+def test_masked_head_no_masked_rows(max_rows):
     h = torch.randn(2, 4, 8, requires_grad=True)
     w = torch.randn(10, 8, requires_grad=True)
     loss, correct, n = K.masked_head(h, torch.zeros(2, 4, dtype=torch.bool), w, torch.zeros(10), torch.zeros(2, 4,
-                                     dtype=torch.long), impl="triton")
+                                     dtype=torch.long), impl="triton", max_rows=max_rows)
     loss.backward()
     assert float(loss) == 0 and int(n) == 0 and int(correct) == 0 and h.grad.abs().sum() == 0
+
+
+def test_masked_index_static_order_and_overflow():
+    mask = torch.rand(4, 13) < 0.3
+    idx, valid, n = masked_index(mask, 30)
+    assert idx.shape == (30,) and int(valid.sum()) == int(n) == int(mask.sum())
+    assert torch.equal(idx[valid], mask.reshape(-1).nonzero()[:, 0])
+    with pytest.raises(RuntimeError, match="more masked positions than max_rows"):
+        masked_index(torch.ones(2, 5, dtype=torch.bool), 9)
+
+
+@pytest.mark.parametrize("head", ["ref", "fused"])
+@pytest.mark.parametrize("static", [True, False])
+def test_masked_head_static_shapes_need_no_host_sync(head, static):
+    """Under FakeTensorMode no tensor has data: any op whose output size depends on values
+    (the boolean gather, nonzero) or that reads a value on the host raises. With max_rows
+    the head's forward and backward run; without it they cannot (the control)."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+
+    from kernels.masked_head import masked_head_ref
+    fn = {"ref": masked_head_ref, "fused": lambda *a, **k: masked_head_fused(*a, use_triton=False, chunk=7, **k)}[head]
+    with FakeTensorMode():
+        h = torch.randn(3, 11, 8, requires_grad=True)
+        w, bias = torch.randn(10, 8, requires_grad=True), torch.randn(10, requires_grad=True)
+        mask, tgt = torch.rand(3, 11) < 0.4, torch.randint(0, 10, (3, 11))
+        if not static:
+            with pytest.raises(DynamicOutputShapeException):
+                fn(h, mask, w, bias, tgt)
+            return
+        loss, correct, n = fn(h, mask, w, bias, tgt, max_rows=20)
+        loss.backward()
+        assert h.grad.shape == h.shape and w.grad.shape == w.shape
 
 
 def test_dispatch_rules(monkeypatch):

@@ -105,6 +105,28 @@ def test_fused_head_equals_plain_cross_entropy():
     assert float(empty["loss"]) == 0 and int(empty["n_masked"]) == 0
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_static_masked_head_in_the_model(kernels):
+    """The sync-free path (max_masked = the mask budget) gives the loss, counts and gradients of
+    the exact-size gather, whether the batch is under the budget or at it."""
+    torch.manual_seed(3)
+    m = _perturbed(Beit(BeitArgs(size="tiny", img_size=32, vocab_size=40, depth=1, kernels=kernels, drop_path=0)))
+    x, tgt = torch.randn(3, 3, 32, 32), torch.randint(0, 40, (3, 2, 2))
+    mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]], [[1, 1], [0, 0]]]).bool()  # 2, 1, 2 of budget 2
+    grads = []
+    for max_masked in (None, 2, 3):
+        m.zero_grad()
+        out = m(x, mask, tgt, max_masked=max_masked)
+        out["loss"].backward()
+        grads.append((out["loss"].detach(), int(out["correct"]), int(out["n_masked"]),
+                      [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    for g in grads[1:]:
+        torch.testing.assert_close(g[0], grads[0][0], rtol=1e-5, atol=1e-6)
+        assert g[1:3] == grads[0][1:3] and g[2] == 5
+        for a, b in zip(g[3], grads[0][3]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_triton_kernels_in_the_model_match_torch():
     torch.manual_seed(2)
     base = _perturbed(Beit(BeitArgs(size="tiny", img_size=32, vocab_size=40, depth=1, kernels="torch", drop_path=0)))
