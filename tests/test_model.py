@@ -212,3 +212,23 @@ def test_parity_with_huggingface():
         ours = m.masked_logits(x, mask)
         theirs = hf(pixel_values=x, bool_masked_pos=mask.reshape(2, -1)).logits[mask.reshape(2, -1)]
     assert ours.shape == theirs.shape and _rel(ours, theirs) < 1e-5
+
+
+def test_mim_step_traces_as_one_graph_with_the_mask_budget():
+    """With max_masked the whole MIM step (forward and backward) is one torch.compile graph: no
+    data-dependent shape, no host read. Without it the boolean gather breaks the graph (control)."""
+    torch.manual_seed(4)
+    m = _perturbed(Beit(BeitArgs(size="tiny", img_size=32, vocab_size=40, depth=1, kernels="torch", drop_path=0)))
+    x, tgt = torch.randn(2, 3, 32, 32), torch.randint(0, 40, (2, 2, 2))
+    mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]]]).bool()
+    eager = m(x, mask, tgt)["loss"]
+    try:
+        compiled = torch.compile(m, fullgraph=True, backend="eager")
+        out = compiled(x, mask, tgt, max_masked=2)
+        out["loss"].backward()
+        torch.testing.assert_close(out["loss"], eager, rtol=1e-5, atol=1e-6)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="data-dependent"):
+            torch.compile(m, fullgraph=True, backend="eager")(x, mask, tgt)
+    finally:
+        torch._dynamo.reset()
