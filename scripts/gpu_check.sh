@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: the GPU correctness tests, then the benchmarks whose GPU figures
+# the README still lacks. Uses the machine's own Python (PYTHON, default python3): GPU
+# machines carry torch/triton/numba/timm/pyyaml/tqdm but may lack DALI and dall_e, whose
+# parts skip. Results: $OUT (default benchmarks/results/gpu-<date>) holds pytest.log and one
+# <bench>.json per benchmark (its last line), plus nvidia-smi.txt. bench_tokenize.py needs
+# DALI: run it separately where DALI is installed.
+#
+#   bash scripts/gpu_check.sh            # everything (about 10 minutes on an H100)
+#   QUICK=1 bash scripts/gpu_check.sh    # tests and kernel benchmark only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "gpu_check: $PY's torch sees no CUDA device; run this on a GPU machine" >&2; exit 2; }
+mkdir -p "$OUT"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+status=0
+"$PY" -m pytest -q -rs tests/test_gpu.py tests/test_kernels.py tests/test_model.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+benches=(bench_kernels)
+[ -n "${QUICK:-}" ] || benches+=(bench_model bench_tokenizer bench_masking)
+for b in "${benches[@]}"; do
+  echo "== $b"
+  if "$PY" "benchmarks/$b.py" > "$OUT/$b.log" 2>&1; then
+    tail -n 1 "$OUT/$b.log" > "$OUT/$b.json"
+    grep -v '^{' "$OUT/$b.log" | tail -8
+  else
+    echo "$b failed (see $OUT/$b.log)"; tail -5 "$OUT/$b.log"; status=1
+  fi
+done
+echo "gpu_check: results in $OUT (exit $status)"
+exit $status
