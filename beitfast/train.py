@@ -123,6 +123,10 @@ def main(argv=None) -> int:
     if main_proc:
         reset_metrics(out / "metrics.jsonl", step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.train.compile:  # the static mask budget keeps the step one graph (no data-dependent shapes)
+        ddp = torch.compile(ddp)
+        if main_proc:
+            print("[train] model step compiled with torch.compile (first steps include compilation)")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cuda else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 

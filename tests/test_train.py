@@ -109,3 +109,16 @@ def test_ddp_two_processes(cache, tmp_path):
     r = _train(cache, tmp_path / "ddp", "train.max_steps=4", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_compiled_step_matches_eager(cache, tmp_path):
+    """train.compile=true runs the step through torch.compile (inductor) and learns the same:
+    its logged losses equal the eager run's up to compiler rounding."""
+    runs = {}
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        r = _train(cache, tmp_path / name, "train.max_steps=6", f"train.compile={flag}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("torch.compile" in r.stdout) == (flag == "true")
+        runs[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert len(runs["eager"]) == 3
+    np.testing.assert_allclose(runs["compiled"], runs["eager"], rtol=2e-3)
