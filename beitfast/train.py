@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -88,13 +89,28 @@ def main(argv=None) -> int:
     main_proc = rank == 0
 
     # --- data
+    per_pass = cfg.data.batch_size * world
+    if cfg.train.global_batch % per_pass:
+        print(f"train: train.global_batch ({cfg.train.global_batch}) must be a multiple of data.batch_size "
+              f"({cfg.data.batch_size}) x {world} processes; the difference is made up by gradient accumulation",
+              file=sys.stderr)
+        return 2
+    accum = cfg.train.global_batch // per_pass
+    if cfg.data.backend == "ffcv":
+        print("train: data.backend=ffcv is not built yet; use data.backend=dali or reference", file=sys.stderr)
+        return 2
+    if main_proc:
+        print(f"[train] {world} process(es) x data.batch_size {cfg.data.batch_size} x {accum} accumulation "
+              f"step(s) = global batch {cfg.train.global_batch}; loader: the synchronous cached-view loader, "
+              f"rendering through DALI on the {'GPU' if cuda else 'CPU'}"
+              + (" (no prefetching pipeline yet)" if cfg.data.backend == "dali" else ""))
     try:
         cache = TokenCache(cfg.data.cache)
         cache.check(expected_settings(cfg, cache.settings["tokenizer"]))
         if cache.settings["tokenizer"]["vocab_size"] != cfg.model.vocab_size:
             raise CacheError(f"{cache.path}: tokenizer vocabulary {cache.settings['tokenizer']['vocab_size']} "
                              f"!= model.vocab_size {cfg.model.vocab_size}")
-        loader = CachedViewLoader(cache, cfg, rank, world, device)
+        loader = CachedViewLoader(cache, cfg, rank, world, device, accum)
     except (CacheError, ValueError) as e:
         print(f"train: {e}", file=sys.stderr)
         return 2
@@ -123,8 +139,9 @@ def main(argv=None) -> int:
     if main_proc:
         reset_metrics(out / "metrics.jsonl", step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    fwd = ddp
     if cfg.train.compile:  # the static mask budget keeps the step one graph (no data-dependent shapes)
-        ddp = torch.compile(ddp)
+        fwd = torch.compile(ddp)
         if main_proc:
             print("[train] model step compiled with torch.compile (first steps include compilation)")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cuda else None
@@ -146,18 +163,21 @@ def main(argv=None) -> int:
     ckpt_every = max(1, cfg.log.ckpt_every_epochs * steps_per_epoch)
     while step < total:
         epoch = step // steps_per_epoch
-        for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
+        micro = loader.epoch(epoch, start_step=step % steps_per_epoch)
+        for _ in range(step % steps_per_epoch, steps_per_epoch):
             lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                o = ddp(batch["images"], batch["mask"], batch["tokens"], cfg.mask.num_patches)
-            opt.zero_grad(set_to_none=True)
+            for m in range(accum):  # DDP averages over ranks; dividing by accum averages over micro-batches
+                batch = next(micro)
+                with ddp.no_sync() if (world > 1 and m < accum - 1) else nullcontext():
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        o = fwd(batch["images"], batch["mask"], batch["tokens"], cfg.mask.num_patches)
+                    loss = o["loss"] / accum if accum > 1 else o["loss"]
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                acc += torch.stack([loss.detach().float(), o["correct"].float(), o["n_masked"].float()])
             if scaler is not None:
-                scaler.scale(o["loss"]).backward()
                 scaler.unscale_(opt)
-            else:
-                o["loss"].backward()
             if cfg.optim.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
             if scaler is not None:
@@ -165,7 +185,7 @@ def main(argv=None) -> int:
                 scaler.update()
             else:
                 opt.step()
-            acc += torch.stack([o["loss"].detach().float(), o["correct"].float(), o["n_masked"].float()])
+            opt.zero_grad(set_to_none=True)
             n_acc += 1
             step += 1
             bar.update()
@@ -175,7 +195,7 @@ def main(argv=None) -> int:
                 loss_sum, correct, masked = acc.tolist()  # the one host sync per report
                 row = {"step": step, "epoch": epoch, "loss": round(loss_sum / (n_acc * world), 5),
                        "mim_acc": round(correct / max(1.0, masked), 5), "lr": lr,
-                       "images_per_s": round(n_acc * loader.batch * world / (time.time() - t0), 2)}
+                       "images_per_s": round(n_acc * cfg.train.global_batch / (time.time() - t0), 2)}
                 if main_proc:
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")

@@ -36,7 +36,7 @@ def cache(toy_root, tmp_path_factory):
 def _args(cache, out, *extra):
     path, over = cache
     return ["--cfg", "tiny.yaml", f"data.cache={path}", f"log.out_dir={out}", f"model.vocab_size={VOCAB}",
-            "data.batch_size=8", "train.epochs=2", "log.every=2", "log.progress=false", "optim.warmup_epochs=0.5",
+            "data.batch_size=8", "train.global_batch=8", "train.epochs=2", "log.every=2", "log.progress=false", "optim.warmup_epochs=0.5",
             *over, *extra]
 
 
@@ -106,7 +106,7 @@ def test_refuses_a_cache_built_otherwise(cache, tmp_path):
 
 
 def test_ddp_two_processes(cache, tmp_path):
-    r = _train(cache, tmp_path / "ddp", "train.max_steps=4", nproc=2)
+    r = _train(cache, tmp_path / "ddp", "train.max_steps=4", "train.global_batch=16", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 4
 
@@ -122,3 +122,31 @@ def test_compiled_step_matches_eager(cache, tmp_path):
         runs[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert len(runs["eager"]) == 3
     np.testing.assert_allclose(runs["compiled"], runs["eager"], rtol=2e-3)
+
+
+def test_gradient_accumulation_equals_a_larger_batch(cache, tmp_path):
+    """Global batch 16 three ways: one process x 16, one process x 8 x 2 accumulation steps,
+    two DDP processes x 8. Same images per step (the loader's slicing), masks of exactly N
+    patches (so a mean of per-micro-batch means is the global mean): the same weights."""
+    common = ["train.global_batch=16", "train.max_steps=4", "mask.exact=true", "log.every=1"]
+    runs = {"one_16": (["data.batch_size=16"], 1), "accum_8x2": ([], 1), "ddp_2x8": ([], 2)}
+    weights, losses = {}, {}
+    for name, (extra, nproc) in runs.items():
+        r = _train(cache, tmp_path / name, *common, *extra, nproc=nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+        weights[name] = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
+        losses[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert "2 accumulation step(s)" in _train(cache, tmp_path / "again", *common, "train.max_steps=1").stdout
+    for name in ("accum_8x2", "ddp_2x8"):
+        np.testing.assert_allclose(losses[name], losses["one_16"], rtol=1e-4)
+        for k, w in weights["one_16"].items():
+            torch.testing.assert_close(weights[name][k], w, rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    # control: global batch 8 (the first half of each step's images) trains to other weights
+    assert _train(cache, tmp_path / "one_8", *common, "train.global_batch=8").returncode == 0
+    other = torch.load(tmp_path / "one_8" / "ckpt.pt", weights_only=True)["model"]
+    assert max(float((other[k] - w).abs().max()) for k, w in weights["one_16"].items()) > 1e-3
+
+
+def test_global_batch_must_be_a_multiple(cache, tmp_path):
+    r = _train(cache, tmp_path / "x", "train.global_batch=20")
+    assert r.returncode == 2 and "train.global_batch (20) must be a multiple of data.batch_size (8)" in r.stderr

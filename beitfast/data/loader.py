@@ -10,6 +10,11 @@ Each epoch, image j uses cached view `pick_view(seed, epoch, j, K)`, rendered at
 size (bicubic, antialiased) by the shared view code; batches are slices of a permutation
 seeded by (seed, epoch), split across ranks, so a batch is a pure function of (seed, epoch,
 step, rank, world size) and a resumed run replays the same data.
+
+Gradient accumulation (`accum` micro-batches per optimizer step): step s of an epoch covers
+the global batch perm[s * G:(s + 1) * G], G = batch x world x accum, micro-batch m of rank r
+taking its slice ((s * accum + m) * world + r) * batch, so one process accumulating 2 x 8
+sees exactly the images that 2 processes of 8 or one of 16 see at that step.
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ from beitfast.masking import MaskGenerator, MaskSpec
 
 
 class CachedViewLoader:
-    def __init__(self, cache: TokenCache, cfg, rank: int = 0, world: int = 1, device="cpu"):
-        self.cache, self.cfg, self.rank, self.world = cache, cfg, rank, world
+    def __init__(self, cache: TokenCache, cfg, rank: int = 0, world: int = 1, device="cpu", accum: int = 1):
+        self.cache, self.cfg, self.rank, self.world, self.accum = cache, cfg, rank, world, accum
         self.device = torch.device(device)
         self.batch = cfg.data.batch_size
         self.seed = cfg.train.seed
@@ -39,21 +44,22 @@ class CachedViewLoader:
                                      self.device.index or 0)
         self.mean = torch.tensor(cfg.data.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(cfg.data.std, device=self.device).view(1, 3, 1, 1) * 255
-        self.steps_per_epoch = len(cache) // (self.batch * world)
+        self.steps_per_epoch = len(cache) // (self.batch * world * accum)  # optimizer steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
-                             f"({self.batch} x {world} ranks)")
+                             f"({self.batch} x {world} ranks x {accum} accumulation steps)")
 
-    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
+    def batch_indices(self, epoch: int, step: int, micro: int = 0) -> np.ndarray:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.cache))
-        start = (step * self.world + self.rank) * self.batch
+        start = ((step * self.accum + micro) * self.world + self.rank) * self.batch
         return perm[start:start + self.batch]
 
     def epoch(self, epoch: int, start_step: int = 0):
-        """Batches of `epoch` from `start_step` on (the contract in the module docstring)."""
+        """Micro-batches of `epoch` from optimizer step `start_step` on, `accum` per step, in
+        order (the contract in the module docstring)."""
         k = self.cache.views_per_image
-        for step in range(start_step, self.steps_per_epoch):
-            idx = self.batch_indices(epoch, step)
+        for step in range(start_step * self.accum, self.steps_per_epoch * self.accum):
+            idx = self.batch_indices(epoch, *divmod(step, self.accum))
             which = pick_view(self.seed, epoch, idx, k)
             items = [self.cache.item(int(j)) for j in idx]
             jpegs = [np.asarray(it[0]) for it in items]
