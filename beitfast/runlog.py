@@ -15,6 +15,19 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_checkpoint(path: Path, fmt: str, fix: str) -> dict:
+    """A checkpoint written by atomic_save with {"format": fmt}; anything else (not a torch
+    file, another trainer's, foreign pickled classes) raises ValueError naming the file and
+    `fix`, what the user can do. The file is left as it is."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
+    except Exception as e:
+        raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); {fix}") from None
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        raise ValueError(f"{path} is not a checkpoint of this version (format {fmt}); {fix}")
+    return ck
+
+
 def read_metrics(path: Path, upto_step: int) -> list[dict]:
     """Metric rows at or before `upto_step` (rows written after the last checkpoint by a
     killed run are dropped, so a resumed run does not duplicate them)."""

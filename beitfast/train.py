@@ -23,7 +23,7 @@ from beitfast.config import ConfigError, cli_config
 from beitfast.data.cache import CacheError, TokenCache, expected_settings
 from beitfast.data.loader import CachedViewLoader
 from beitfast.model import Beit, BeitArgs
-from beitfast.runlog import atomic_save, reset_metrics
+from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics
 
 CKPT_FORMAT = "beitfast-pretrain-ckpt/1"
 
@@ -126,9 +126,10 @@ def main(argv=None) -> int:
     step = 0
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("format") != CKPT_FORMAT:
-            print(f"train: {ckpt_path} is not a checkpoint of this trainer; move it away", file=sys.stderr)
+        try:
+            ck = read_checkpoint(ckpt_path, CKPT_FORMAT, "move it away to start over")
+        except ValueError as e:
+            print(f"train: {e}", file=sys.stderr)
             return 2
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast import distributed  # noqa: E402
 from beitfast.config import ConfigError, DVAEConfig, cli_config  # noqa: E402
 from beitfast.data.images import BadImage, decode_rgb, list_imagefolder  # noqa: E402
-from beitfast.runlog import atomic_save, reset_metrics  # noqa: E402
+from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
 from beitfast.tokenizers.dvae import DVAE, DVAEArch  # noqa: E402
 
 CKPT_FORMAT = "beitfast-dvae-ckpt/1"
@@ -261,9 +261,10 @@ def main(argv=None) -> int:
     step = 0
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists() and not args.fresh:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain types only
-        if ck.get("format") != CKPT_FORMAT:
-            print(f"train_dvae: {ckpt_path} is not a dVAE checkpoint of this version; use --fresh", file=sys.stderr)
+        try:
+            ck = read_checkpoint(ckpt_path, CKPT_FORMAT, "use --fresh to start over")
+        except ValueError as e:
+            print(f"train_dvae: {e}", file=sys.stderr)
             return 2
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])

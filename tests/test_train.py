@@ -98,6 +98,14 @@ def test_resume_is_bitwise(cache, tmp_path):
     assert steps == sorted(set(steps))
 
 
+def test_unreadable_checkpoint_is_a_clear_error_and_kept(cache, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    r = _train(cache, tmp_path / "x")
+    assert r.returncode == 2 and "cannot read the checkpoint" in r.stderr and "ckpt.pt" in r.stderr
+    assert (tmp_path / "x" / "ckpt.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+
+
 def test_refuses_a_cache_built_otherwise(cache, tmp_path):
     r = _train(cache, tmp_path / "x", "data.views=5")
     assert r.returncode == 2 and "views: cache has 2, config wants 5" in r.stderr
