@@ -52,6 +52,7 @@ class DataConfig:
     cache: str = ""  # token cache directory written by data_prep/tokenize_imagenet.py
     batch_size: int = 128  # per GPU
     num_threads: int = 4
+    prefetch: int = 2  # batches made ahead in a background thread (0: synchronous)
     views: int = 10  # K sampled views per image stored in the token cache
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

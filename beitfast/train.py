@@ -22,6 +22,7 @@ from beitfast import distributed
 from beitfast.config import ConfigError, cli_config
 from beitfast.data.cache import CacheError, TokenCache, expected_settings
 from beitfast.data.loader import CachedViewLoader
+from beitfast.data.prefetch import prefetch
 from beitfast.model import Beit, BeitArgs
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics
 
@@ -102,8 +103,8 @@ def main(argv=None) -> int:
     if main_proc:
         print(f"[train] {world} process(es) x data.batch_size {cfg.data.batch_size} x {accum} accumulation "
               f"step(s) = global batch {cfg.train.global_batch}; loader: the synchronous cached-view loader, "
-              f"rendering through DALI on the {'GPU' if cuda else 'CPU'}"
-              + (" (no prefetching pipeline yet)" if cfg.data.backend == "dali" else ""))
+              f"rendering through DALI on the {'GPU' if cuda else 'CPU'}, {cfg.data.prefetch} batches ahead"
+              + (" (the DALI GPU pipeline with its own queues is not built yet)" if cfg.data.backend == "dali" else ""))
     try:
         cache = TokenCache(cfg.data.cache)
         cache.check(expected_settings(cfg, cache.settings["tokenizer"]))
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     ckpt_every = max(1, cfg.log.ckpt_every_epochs * steps_per_epoch)
     while step < total:
         epoch = step // steps_per_epoch
-        micro = loader.epoch(epoch, start_step=step % steps_per_epoch)
+        micro = prefetch(loader.epoch(epoch, start_step=step % steps_per_epoch), cfg.data.prefetch)
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr)
             for g in opt.param_groups:
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
                 checkpoint(step)
             if step >= total or step == stop_at:
                 break
+        micro.close()  # stops the prefetch thread now, not when the generator is collected
         if stop_at and step == stop_at:
             break
     bar.close()

@@ -14,6 +14,8 @@ from tests.conftest import ROOT
     ("bench_tokenizer.py", ["dalle_images_per_s", "dalle_gflop_per_image", "dvae_tiny_images_per_s"]),
     ("bench_tokenize.py", ["dvae_tiny_views_per_s", "dalle_images_per_s", "online_dalle_ms_per_step_b128",
                           "rss_growth_4x_data"]),
+    ("bench_loader.py", ["sync_images_per_s", "prefetch_images_per_s", "speedup_prefetch_vs_sync",
+                        "loader_images_per_s", "step_images_per_s"]),
     ("bench_kernels.py", ["layernorm_torch_ms", "residual_torch_ms", "head_torch_ms", "head_chunked_ms"]),
     ("bench_model.py", ["images_per_s", "mfu", "matmul_peak_tflops"]),
 ])

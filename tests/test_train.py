@@ -72,6 +72,21 @@ def test_batch_contract(cache):
     assert not set(r0) & set(r1)
 
 
+def test_prefetched_batches_equal_synchronous_ones(cache):
+    """The loader run in the prefetch thread (DALI rendering there) yields the same batches."""
+    from beitfast.data.prefetch import prefetch
+
+    path, over = cache
+    cfg = load_config("tiny", [f"data.cache={path}", f"model.vocab_size={VOCAB}", "data.batch_size=8", *over])
+    loader = CachedViewLoader(TokenCache(path), cfg)
+    sync = list(loader.epoch(1, start_step=3))
+    ahead = list(prefetch(CachedViewLoader(TokenCache(path), cfg).epoch(1, start_step=3), 2))
+    assert len(sync) == len(ahead) == loader.steps_per_epoch - 3
+    for a, b in zip(sync, ahead):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
 def test_trains_from_any_directory_with_a_bare_config_name(cache, tmp_path):
     out = tmp_path / "run"
     r = _train(cache, out, cwd=tmp_path)
