@@ -3,7 +3,8 @@
 # the README still lacks. Uses the machine's own Python (PYTHON, default python3): GPU
 # machines carry torch/triton/numba/timm/pyyaml/tqdm but may lack DALI and dall_e, whose
 # parts skip. Results: $OUT (default benchmarks/results/gpu-<date>) holds pytest.log and one
-# <bench>.json per benchmark (its last line), plus nvidia-smi.txt. bench_tokenize.py needs
+# <bench>.json per benchmark (its last line), plus nvidia-smi.txt. bench_tokenize.py and
+# bench_loader.py need
 # DALI: run it separately where DALI is installed.
 #
 #   bash scripts/gpu_check.sh            # everything (about 10 minutes on an H100)
