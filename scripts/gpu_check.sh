@@ -4,8 +4,7 @@
 # machines carry torch/triton/numba/timm/pyyaml/tqdm but may lack DALI and dall_e, whose
 # parts skip. Results: $OUT (default benchmarks/results/gpu-<date>) holds pytest.log and one
 # <bench>.json per benchmark (its last line), plus nvidia-smi.txt. bench_tokenize.py and
-# bench_loader.py need
-# DALI: run it separately where DALI is installed.
+# bench_loader.py need DALI: run them separately where DALI is installed.
 #
 #   bash scripts/gpu_check.sh            # everything (about 10 minutes on an H100)
 #   QUICK=1 bash scripts/gpu_check.sh    # tests and kernel benchmark only
