@@ -78,7 +78,8 @@ def main(argv=None) -> dict:
                ("fused_eager_sdpa_bool_gather", "auto", "sdpa", False, None),
                ("fused_eager_sdpa", "auto", "sdpa", False, budget), ("fused_eager_flex", "auto", "flex", False, budget)]
     if use_compile:
-        options += [("fused_compiled_sdpa", "auto", "sdpa", True, budget)]
+        options += [("unfused_compiled_sdpa", "torch", "sdpa", True, budget),  # inductor's own fusions
+                    ("fused_compiled_sdpa", "auto", "sdpa", True, budget)]
     for name, kern, attn, comp, max_masked in options:
         model = Beit(BeitArgs(size=size, img_size=img, depth=depth, kernels=kern, attention=attn)).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

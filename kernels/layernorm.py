@@ -70,36 +70,57 @@ if triton is not None:
         tl.store(DB + pid * N + cols, db, mask=m)
 
 
-class TritonLayerNorm(torch.autograd.Function):
-    """LayerNorm over the last dim via the Triton kernels above (any leading shape)."""
+if triton is not None:
+    # Registered as torch custom ops (forward, backward, and their shapes for tracing), so
+    # torch.compile treats each kernel as one opaque call inside a single graph instead of
+    # tracing into Triton's launcher.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
+    @torch.library.custom_op("beitfast::layer_norm_fwd", mutates_args=())
+    def _ln_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m, n = x2.shape
-        assert weight.shape == (n,) and bias.shape == (n,), (weight.shape, bias.shape, n)
         y = torch.empty_like(x2)
-        mean = torch.empty(m, device=x.device, dtype=torch.float32)
-        rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-        block = triton.next_power_of_2(n)
-        _ln_fwd[(m,)](x2, weight, bias, y, mean, rstd, n, eps, BLOCK=block)
-        ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.shape = shape
-        return y.reshape(shape)
+        mean = torch.empty(m, device=x2.device, dtype=torch.float32)
+        rstd = torch.empty(m, device=x2.device, dtype=torch.float32)
+        _ln_fwd[(m,)](x2, weight, bias, y, mean, rstd, n, eps, BLOCK=triton.next_power_of_2(n))
+        return y, mean, rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
+    @_ln_fwd_op.register_fake
+    def _(x2, weight, bias, eps):
+        m = x2.shape[0]
+        return torch.empty_like(x2), x2.new_empty(m, dtype=torch.float32), x2.new_empty(m, dtype=torch.float32)
+
+    @torch.library.custom_op("beitfast::layer_norm_bwd", mutates_args=())
+    def _ln_bwd_op(x2: torch.Tensor, weight: torch.Tensor, dy2: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m, n = x2.shape
-        dy2 = dy.reshape(m, n).contiguous()
         dx = torch.empty_like(x2)
         progs = triton.cdiv(m, ROWS)
         dw = torch.empty(progs, n, device=x2.device, dtype=torch.float32)
         db = torch.empty(progs, n, device=x2.device, dtype=torch.float32)
         _ln_bwd[(progs,)](x2, weight, dy2, dx, mean, rstd, dw, db, m, n, ROWS_=ROWS, BLOCK=triton.next_power_of_2(n))
-        return dx.reshape(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None
+        return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+    @_ln_bwd_op.register_fake
+    def _(x2, weight, dy2, mean, rstd):
+        return torch.empty_like(x2), torch.empty_like(weight), torch.empty_like(weight)
+
+    def _ln_setup(ctx, inputs, output):
+        x2, weight, _bias, _eps = inputs
+        _y, mean, rstd = output
+        ctx.save_for_backward(x2, weight, mean, rstd)
+
+    def _ln_backward(ctx, dy, _dmean, _drstd):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _ln_bwd_op(x2, weight, dy.contiguous(), mean, rstd)
+        return dx, dw, db, None
+
+    _ln_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
 def layer_norm_triton(x, weight, bias, eps):
-    return TritonLayerNorm.apply(x, weight, bias, eps)
+    """LayerNorm over the last dim via the Triton kernels above (any leading shape)."""
+    shape = x.shape
+    assert weight.shape == (shape[-1],) and bias.shape == (shape[-1],), (weight.shape, bias.shape, shape)
+    y, _, _ = _ln_fwd_op(x.reshape(-1, shape[-1]).contiguous(), weight, bias, float(eps))
+    return y.reshape(shape)

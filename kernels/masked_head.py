@@ -128,46 +128,65 @@ def _ce_rows_torch(logits, tgt, w_row):
     return loss, correct
 
 
-class FusedMaskedHead(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, mask, weight, bias, targets, use_triton, chunk, max_rows):
-        idx, valid, n = masked_index(mask, max_rows)
-        rows = h.reshape(-1, h.shape[-1]).index_select(0, idx)  # (M, D) gather
-        tgt = targets.reshape(-1).index_select(0, idx)
-        w_row = valid.float() / n.clamp(min=1)  # loss weight per row: 1/n, 0 on padding
-        d_rows = torch.empty_like(rows)
-        d_w = torch.zeros_like(weight, dtype=torch.float32)
-        d_b = torch.zeros_like(bias, dtype=torch.float32)
-        loss = torch.zeros((), device=h.device, dtype=torch.float32)
-        correct = torch.zeros((), device=h.device, dtype=torch.int64)
-        ce = _ce_rows_triton if use_triton else _ce_rows_torch
-        for s in range(0, rows.shape[0], chunk):
-            r = rows[s:s + chunk]
-            logits = torch.addmm(bias.to(r.dtype), r, weight.t().to(r.dtype))  # (c, V)
-            if logits.dtype != torch.float32:
-                logits = logits.float()
-            l, c = ce(logits, tgt[s:s + chunk].contiguous(), w_row[s:s + chunk].contiguous())
-            loss += (l * w_row[s:s + chunk]).sum()
-            correct += (c.bool() & valid[s:s + chunk]).sum()
-            g = logits.to(r.dtype)  # now d loss / d logits (zero on padding rows)
-            d_rows[s:s + chunk] = g @ weight.to(r.dtype)
-            d_w += (g.t() @ r).float()
-            d_b += g.float().sum(0)
-        ctx.save_for_backward(idx, d_rows, d_w, d_b)
-        ctx.h_shape, ctx.h_dtype = h.shape, h.dtype
-        ctx.mark_non_differentiable(correct, n)
-        return loss, correct, n
+@torch.library.custom_op("beitfast::masked_head_fwd", mutates_args=())
+def _head_op(rows: torch.Tensor, tgt: torch.Tensor, w_row: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor, use_triton: bool, chunk: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, correct, d_rows, d_weight, d_bias) of the gathered rows; a torch custom op, so
+    torch.compile calls it as one opaque op (its chunk loop and kernels run as written)."""
+    d_rows = torch.empty_like(rows)
+    d_w = torch.zeros_like(weight, dtype=torch.float32)
+    d_b = torch.zeros_like(bias, dtype=torch.float32)
+    loss = torch.zeros((), device=rows.device, dtype=torch.float32)
+    correct = torch.zeros((), device=rows.device, dtype=torch.int64)
+    ce = _ce_rows_triton if use_triton else _ce_rows_torch
+    for s in range(0, rows.shape[0], chunk):
+        r = rows[s:s + chunk]
+        logits = torch.addmm(bias.to(r.dtype), r, weight.t().to(r.dtype))  # (c, V)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        l, c = ce(logits, tgt[s:s + chunk].contiguous(), w_row[s:s + chunk].contiguous())
+        loss += (l * w_row[s:s + chunk]).sum()
+        correct += (c.bool() & valid[s:s + chunk]).sum()
+        g = logits.to(r.dtype)  # now d loss / d logits (zero on padding rows)
+        d_rows[s:s + chunk] = g @ weight.to(r.dtype)
+        d_w += (g.t() @ r).float()
+        d_b += g.float().sum(0)
+    return loss, correct, d_rows, d_w, d_b
 
-    @staticmethod
-    def backward(ctx, g_loss, _g_correct, _g_n):
-        idx, d_rows, d_w, d_b = ctx.saved_tensors
-        d_h = torch.zeros(ctx.h_shape, device=d_rows.device, dtype=ctx.h_dtype)
-        # padding slots point at row 0 with zero gradient, so accumulating them changes nothing
-        d_h.view(-1, ctx.h_shape[-1]).index_add_(0, idx, (d_rows * g_loss).to(ctx.h_dtype))
-        return d_h, None, (d_w * g_loss), (d_b * g_loss), None, None, None, None
+
+@_head_op.register_fake
+def _(rows, tgt, w_row, valid, weight, bias, use_triton, chunk):
+    f32 = torch.float32
+    return (rows.new_empty((), dtype=f32), rows.new_empty((), dtype=torch.int64), torch.empty_like(rows),
+            weight.new_empty(weight.shape, dtype=f32), bias.new_empty(bias.shape, dtype=f32))
+
+
+def _head_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[2:])
+    ctx.dtypes = (inputs[0].dtype, inputs[4].dtype, inputs[5].dtype)
+
+
+def _head_backward(ctx, g_loss, *_unused):
+    """Backward only scales the gradients the forward already computed."""
+    d_rows, d_w, d_b = ctx.saved_tensors
+    rows_dt, w_dt, b_dt = ctx.dtypes
+    return ((d_rows * g_loss).to(rows_dt), None, None, None, (d_w * g_loss).to(w_dt), (d_b * g_loss).to(b_dt),
+            None, None)
+
+
+_head_op.register_autograd(_head_backward, setup_context=_head_setup)
 
 
 def masked_head_fused(h, mask, weight, bias, targets, use_triton: bool = True, chunk: int = CHUNK,
                       max_rows: int | None = None):
-    """Chunked fused head; max_rows (an upper bound on the masked rows) makes it sync-free."""
-    return FusedMaskedHead.apply(h, mask, weight, bias, targets, use_triton and triton is not None, chunk, max_rows)
+    """Chunked fused head; max_rows (an upper bound on the masked rows) makes it sync-free.
+    The gather is plain torch (its backward scatters the row gradients back into h; padding
+    slots point at row 0 with zero gradient, so they add nothing)."""
+    idx, valid, n = masked_index(mask, max_rows)
+    rows = h.reshape(-1, h.shape[-1]).index_select(0, idx)  # (M, D)
+    tgt = targets.reshape(-1).index_select(0, idx)
+    w_row = valid.float() / n.clamp(min=1)  # loss weight per row: 1/n, 0 on padding
+    loss, correct, _, _, _ = _head_op(rows, tgt, w_row, valid, weight, bias, bool(use_triton and triton is not None),
+                                      int(chunk))
+    return loss, correct, n

@@ -54,30 +54,48 @@ if triton is not None:
         tl.store(DG + pid * D + cols, acc, mask=m)
 
 
-class FusedResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, gamma, scale):
-        assert x.shape == y.shape and x.ndim == 3 and gamma.shape == (x.shape[-1],) and scale.shape == (x.shape[0],), \
-            (x.shape, y.shape, gamma.shape, scale.shape)
+if triton is not None:
+    # torch custom ops (see layernorm.py): one opaque call each under torch.compile
+
+    @torch.library.custom_op("beitfast::residual_fwd", mutates_args=())
+    def _res_fwd_op(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        x, y = x.contiguous(), y.contiguous()
-        scale = scale.contiguous().float()
         out = torch.empty_like(x)
         _res_fwd[(b * n,)](x, y, gamma, scale, out, n, d, BLOCK=triton.next_power_of_2(d))
-        ctx.save_for_backward(y, gamma, scale)
         return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        y, gamma, scale = ctx.saved_tensors
+    @_res_fwd_op.register_fake
+    def _(x, y, gamma, scale):
+        return torch.empty_like(x)
+
+    @torch.library.custom_op("beitfast::residual_bwd", mutates_args=())
+    def _res_bwd_op(dout: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, d = y.shape
-        dout = dout.contiguous()
         dy = torch.empty_like(y)
         progs = triton.cdiv(b * n, ROWS)
         dg = torch.empty(progs, d, device=y.device, dtype=torch.float32)
         _res_bwd[(progs,)](dout, y, gamma, scale, dy, dg, b * n, n, d, ROWS_=ROWS, BLOCK=triton.next_power_of_2(d))
-        return dout, dy, dg.sum(0).to(gamma.dtype), None
+        return dy, dg.sum(0).to(gamma.dtype)
+
+    @_res_bwd_op.register_fake
+    def _(dout, y, gamma, scale):
+        return torch.empty_like(y), torch.empty_like(gamma)
+
+    def _res_setup(ctx, inputs, output):
+        _x, y, gamma, scale = inputs
+        ctx.save_for_backward(y, gamma, scale)
+
+    def _res_backward(ctx, dout):
+        y, gamma, scale = ctx.saved_tensors
+        dy, dg = _res_bwd_op(dout.contiguous(), y, gamma, scale)
+        return dout, dy, dg, None
+
+    _res_fwd_op.register_autograd(_res_backward, setup_context=_res_setup)
 
 
 def residual_triton(x, y, gamma, scale):
-    return FusedResidual.apply(x, y, gamma, scale)
+    """x + scale[b] * gamma * y, (B, N, D), in one Triton pass (and one for backward)."""
+    assert x.shape == y.shape and x.ndim == 3 and gamma.shape == (x.shape[-1],) and scale.shape == (x.shape[0],), \
+        (x.shape, y.shape, gamma.shape, scale.shape)
+    return _res_fwd_op(x.contiguous(), y.contiguous(), gamma, scale.contiguous().float())

@@ -214,6 +214,29 @@ def test_parity_with_huggingface():
     assert ours.shape == theirs.shape and _rel(ours, theirs) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_with_triton_kernels_is_one_graph(backend):
+    """The fused kernels are torch custom ops, so torch.compile(fullgraph=True) takes the
+    whole step with them (here through Triton's interpreter) and gives eager's loss and
+    gradients."""
+    torch.manual_seed(5)
+    m = _perturbed(Beit(BeitArgs(size="tiny", img_size=32, vocab_size=40, depth=1, kernels="triton", drop_path=0)))
+    x, tgt = torch.randn(2, 3, 32, 32), torch.randint(0, 40, (2, 2, 2))
+    mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]]]).bool()
+    loss = m(x, mask, tgt, max_masked=2)["loss"]
+    loss.backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    try:
+        out = torch.compile(m, fullgraph=True, backend=backend)(x, mask, tgt, max_masked=2)
+        out["loss"].backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out["loss"], loss, rtol=1e-5, atol=1e-6)
+    for p, g in zip(m.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
 def test_mim_step_traces_as_one_graph_with_the_mask_budget():
     """With max_masked the whole MIM step (forward and backward) is one torch.compile graph: no
     data-dependent shape, no host read. Without it the boolean gather breaks the graph (control)."""
