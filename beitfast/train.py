@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     ckpt_every = max(1, cfg.log.ckpt_every_epochs * steps_per_epoch)
     while step < total:
         epoch = step // steps_per_epoch
-        micro = prefetch(loader.epoch(epoch, start_step=step % steps_per_epoch), cfg.data.prefetch)
+        micro = prefetch(loader.epoch(epoch, start_step=step % steps_per_epoch), cfg.data.prefetch, device)
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr)
             for g in opt.param_groups:

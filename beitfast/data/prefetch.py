@@ -17,6 +17,8 @@ import queue
 import threading
 from typing import Iterable, Iterator
 
+import torch
+
 _END = object()
 
 
@@ -25,7 +27,9 @@ class _Raised:
         self.exc = exc
 
 
-def prefetch(iterable: Iterable, depth: int = 2) -> Iterator:
+def prefetch(iterable: Iterable, depth: int = 2, device=None) -> Iterator:
+    """`device`: a CUDA device the producer thread makes current first (the current device
+    is per thread; a new thread would otherwise start on GPU 0 under torchrun)."""
     if depth <= 0:
         yield from iterable
         return
@@ -43,6 +47,8 @@ def prefetch(iterable: Iterable, depth: int = 2) -> Iterator:
 
     def work():
         try:
+            if device is not None and torch.device(device).type == "cuda":
+                torch.cuda.set_device(torch.device(device))
             for item in iterable:
                 if not put(item):
                     return
