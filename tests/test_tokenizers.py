@@ -193,3 +193,10 @@ def test_dvae_config_errors(toy_root, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "data_prep" / "train_dvae.py"), "--cfg", "dvae_tiny.yaml",
                         "model.downsample=3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "model.downsample" in r.stderr
+
+
+def test_missing_dalle_weights_say_where_to_get_them(tmp_path):
+    from beitfast.tokenizers.dalle import load_dalle_weights
+
+    with pytest.raises(FileNotFoundError, match=r"nope.pkl .*cdn.openai.com/dall-e/encoder.pkl.*tokenizer.kind=dvae"):
+        load_dalle_weights(tmp_path / "nope.pkl")

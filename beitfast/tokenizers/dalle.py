@@ -131,7 +131,9 @@ def load_dalle_weights(path: str | Path) -> tuple[dict, dict]:
     architecture. Never unpickles classes outside the dall_e encoder's allow-list."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DALL-E encoder weights not found: {path}")
+        raise FileNotFoundError(f"DALL-E encoder weights not found: {path} (OpenAI publishes them as "
+                                "https://cdn.openai.com/dall-e/encoder.pkl; or set tokenizer.kind=dvae and train "
+                                "your own with data_prep/train_dvae.py)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
