@@ -113,6 +113,7 @@ class LogConfig:
     every: int = 50  # steps between host syncs for metrics
     ckpt_every_epochs: int = 20
     progress: bool = True
+    profile_steps: int = 0  # >0: profile this many steps (after 3 warm-up steps) into <out>/profile/
 
 
 class Sections:

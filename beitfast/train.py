@@ -64,6 +64,25 @@ def build_optimizer(groups, o, device):
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
 
 
+def start_profiler(where, steps: int, cuda: bool):
+    """torch.profiler over `steps` optimizer steps after 1 skipped and 2 warm-up ones; writes
+    where/trace.json (chrome://tracing or Perfetto) and where/ops.txt (ops by total time)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    where.mkdir(parents=True, exist_ok=True)
+
+    def done(p):
+        p.export_chrome_trace(str(where / "trace.json"))
+        key = "cuda_time_total" if cuda else "cpu_time_total"
+        (where / "ops.txt").write_text(p.key_averages().table(sort_by=key, row_limit=40))
+        print(f"[train] profile of {steps} steps written to {where} (trace.json, ops.txt)")
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    p = profile(activities=acts, schedule=schedule(wait=1, warmup=2, active=steps, repeat=1), on_trace_ready=done)
+    p.start()
+    return p
+
+
 def main(argv=None) -> int:
     # --- config
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -163,6 +182,7 @@ def main(argv=None) -> int:
     n_acc, t0 = 0, time.time()
     model.train()
     ckpt_every = max(1, cfg.log.ckpt_every_epochs * steps_per_epoch)
+    prof = start_profiler(out / "profile", cfg.log.profile_steps, cuda) if (main_proc and cfg.log.profile_steps) else None
     while step < total:
         epoch = step // steps_per_epoch
         micro = prefetch(loader.epoch(epoch, start_step=step % steps_per_epoch), cfg.data.prefetch, device)
@@ -191,6 +211,8 @@ def main(argv=None) -> int:
             n_acc += 1
             step += 1
             bar.update()
+            if prof is not None:
+                prof.step()
             if step % cfg.log.every == 0 or step == total:
                 if world > 1:
                     dist.all_reduce(acc)
@@ -212,6 +234,8 @@ def main(argv=None) -> int:
         if stop_at and step == stop_at:
             break
     bar.close()
+    if prof is not None:
+        prof.stop()
     if main_proc:
         print(f"[train] {step} steps done; checkpoint {ckpt_path}, metrics {out / 'metrics.jsonl'}")
     if world > 1:

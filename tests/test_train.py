@@ -173,3 +173,12 @@ def test_gradient_accumulation_equals_a_larger_batch(cache, tmp_path):
 def test_global_batch_must_be_a_multiple(cache, tmp_path):
     r = _train(cache, tmp_path / "x", "train.global_batch=20")
     assert r.returncode == 2 and "train.global_batch (20) must be a multiple of data.batch_size (8)" in r.stderr
+
+
+def test_profile_steps_write_a_trace_and_an_op_table(cache, tmp_path):
+    r = _train(cache, tmp_path / "p", "train.max_steps=5", "log.profile_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trace = json.loads((tmp_path / "p" / "profile" / "trace.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names) and "ProfilerStep#4" in names  # steps 3 and 4 active
+    assert "aten::" in (tmp_path / "p" / "profile" / "ops.txt").read_text()
