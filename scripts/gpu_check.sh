@@ -2,7 +2,7 @@
 # One call on a GPU machine: the GPU correctness tests, then the benchmarks whose GPU figures
 # the README still lacks. Uses the machine's own Python (PYTHON, default python3): GPU
 # machines carry torch/triton/numba/timm/pyyaml/tqdm but may lack DALI and dall_e, whose
-# parts skip. Results: $OUT (default benchmarks/results/gpu-<date>) holds pytest.log and one
+# parts skip. Results: $OUT (default benchmarks/results/gpu-<date>) holds pytest_gpu.log, pytest_cpu.log and one
 # <bench>.json per benchmark (its last line), plus nvidia-smi.txt. bench_tokenize.py and
 # bench_loader.py need DALI: run them separately where DALI is installed.
 #
@@ -18,7 +18,11 @@ mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 status=0
-"$PY" -m pytest -q -rs tests/test_gpu.py tests/test_kernels.py tests/test_model.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+# GPU tests with the kernels compiled for real (TRITON_INTERPRET must be unset at import)
+env -u TRITON_INTERPRET "$PY" -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# the CPU kernel and model tests (twins, interpreter, timm/HF parity) under this machine's torch
+TRITON_INTERPRET=1 "$PY" -m pytest -q tests/test_kernels.py tests/test_model.py 2>&1 | tee "$OUT/pytest_cpu.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 benches=(bench_kernels)

@@ -126,7 +126,8 @@ def test_masked_head_static_shapes_need_no_host_sync(head, static):
 
 def test_dispatch_rules(monkeypatch):
     t = torch.zeros(2, 4)
-    assert K.resolve("layer_norm", "auto", t) == "torch"  # no CUDA here
+    assert K.resolve("layer_norm", "auto", t) == "torch"  # a CPU tensor
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert K.resolve("layer_norm", "triton", t) == "triton"  # interpreter on
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="CUDA tensor or TRITON_INTERPRET"):
