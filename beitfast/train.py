@@ -121,8 +121,8 @@ def main(argv=None) -> int:
         return 2
     if main_proc:
         print(f"[train] {world} process(es) x data.batch_size {cfg.data.batch_size} x {accum} accumulation "
-              f"step(s) = global batch {cfg.train.global_batch}; loader: the synchronous cached-view loader, "
-              f"rendering through DALI on the {'GPU' if cuda else 'CPU'}, {cfg.data.prefetch} batches ahead"
+              f"step(s) = global batch {cfg.train.global_batch}; loader: cached views rendered through DALI on the "
+              f"{'GPU' if cuda else 'CPU'}, {cfg.data.prefetch} batches ahead in a thread"
               + (" (the DALI GPU pipeline with its own queues is not built yet)" if cfg.data.backend == "dali" else ""))
     try:
         cache = TokenCache(cfg.data.cache)
