@@ -69,8 +69,6 @@ if triton is not None:
         tl.store(DW + pid * N + cols, dw, mask=m)
         tl.store(DB + pid * N + cols, db, mask=m)
 
-
-if triton is not None:
     # Registered as torch custom ops (forward, backward, and their shapes for tracing), so
     # torch.compile treats each kernel as one opaque call inside a single graph instead of
     # tracing into Triton's launcher.

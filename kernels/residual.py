@@ -53,8 +53,6 @@ if triton is not None:
                 acc += do * s * y
         tl.store(DG + pid * D + cols, acc, mask=m)
 
-
-if triton is not None:
     # torch custom ops (see layernorm.py): one opaque call each under torch.compile
 
     @torch.library.custom_op("beitfast::residual_fwd", mutates_args=())
