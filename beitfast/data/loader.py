@@ -44,15 +44,23 @@ class CachedViewLoader:
                                      self.device.index or 0)
         self.mean = torch.tensor(cfg.data.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(cfg.data.std, device=self.device).view(1, 3, 1, 1) * 255
+        self._perm_epoch, self._perm = None, None  # the last epoch's image order (see _permutation)
         self.steps_per_epoch = len(cache) // (self.batch * world * accum)  # optimizer steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
                              f"({self.batch} x {world} ranks x {accum} accumulation steps)")
 
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's image order, made once per epoch (1.28M entries for ImageNet), not
+        once per micro-batch."""
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.cache))
+            self._perm_epoch = epoch
+        return self._perm
+
     def batch_indices(self, epoch: int, step: int, micro: int = 0) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.cache))
         start = ((step * self.accum + micro) * self.world + self.rank) * self.batch
-        return perm[start:start + self.batch]
+        return self._permutation(epoch)[start:start + self.batch]
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Micro-batches of `epoch` from optimizer step `start_step` on, `accum` per step, in
