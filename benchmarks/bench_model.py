@@ -102,6 +102,8 @@ def main(argv=None) -> dict:
         except Exception as e:  # an option that cannot run here is reported, not fatal
             res["options"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             continue
+        finally:  # free this option's weights and optimizer state before the next option's peak
+            del model, opt, fwd
         row = {"images_per_s": round(batch / t, 2), "step_ms": round(t * 1e3, 2),
                "mfu": round(flops / t / peak, 4), "gflop_per_image": round(flops / batch / 1e9, 2)}
         if cuda:
