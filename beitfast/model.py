@@ -226,11 +226,13 @@ class Beit(nn.Module):
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, 3, H, W), mask (B, h, w) bool or None -> (B, N+1, D) after the last block."""
-        t = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major
+        # The residual stream is fp32 whatever the autocast dtype (the reference's: its fp32
+        # mask token and layer scale promote it); the branches compute in bf16/fp16 (see kernels/).
+        t = self.patch_embed.proj(x).flatten(2).transpose(1, 2).float()  # (B, N, D), row-major
         if mask is not None:
-            w = mask.reshape(t.shape[0], -1, 1).to(t.dtype)
-            t = t * (1 - w) + self.mask_token.to(t.dtype) * w
-        t = torch.cat((self.cls_token.expand(t.shape[0], -1, -1).to(t.dtype), t), dim=1)
+            w = mask.reshape(t.shape[0], -1, 1).float()
+            t = t * (1 - w) + self.mask_token * w
+        t = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
         if self.pos_embed is not None:
             t = t + self.pos_embed
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None

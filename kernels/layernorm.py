@@ -2,7 +2,8 @@
 
 Fuses: mean, variance, normalisation and affine in one pass per row (forward); dx and the
 per-program partial sums of dweight/dbias in one pass (backward), the partials summed by
-torch. Shapes: x (M, N) rows, weight/bias (N,). One program handles ROWS rows, so the
+torch. Shapes: x (M, N) rows, weight/bias (N,). The output may have another dtype than x
+(out_dtype: the fp32 residual stream in, the bf16 branch input out); dx has x's dtype. One program handles ROWS rows, so the
 partial buffers are (ceil(M / ROWS), N). Constants chosen for BEiT widths (N = 384..1024)
 by reasoning, not yet tuned on a GPU (no GPU was available when written).
 """
@@ -74,19 +75,19 @@ if triton is not None:
     # tracing into Triton's launcher.
 
     @torch.library.custom_op("beitfast::layer_norm_fwd", mutates_args=())
-    def _ln_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    def _ln_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m, n = x2.shape
-        y = torch.empty_like(x2)
+        y = torch.empty_like(x2, dtype=out_dtype)
         mean = torch.empty(m, device=x2.device, dtype=torch.float32)
         rstd = torch.empty(m, device=x2.device, dtype=torch.float32)
         _ln_fwd[(m,)](x2, weight, bias, y, mean, rstd, n, eps, BLOCK=triton.next_power_of_2(n))
         return y, mean, rstd
 
     @_ln_fwd_op.register_fake
-    def _(x2, weight, bias, eps):
+    def _(x2, weight, bias, eps, out_dtype):
         m = x2.shape[0]
-        return torch.empty_like(x2), x2.new_empty(m, dtype=torch.float32), x2.new_empty(m, dtype=torch.float32)
+        return torch.empty_like(x2, dtype=out_dtype), x2.new_empty(m, dtype=torch.float32), x2.new_empty(m, dtype=torch.float32)
 
     @torch.library.custom_op("beitfast::layer_norm_bwd", mutates_args=())
     def _ln_bwd_op(x2: torch.Tensor, weight: torch.Tensor, dy2: torch.Tensor, mean: torch.Tensor,
@@ -104,21 +105,22 @@ if triton is not None:
         return torch.empty_like(x2), torch.empty_like(weight), torch.empty_like(weight)
 
     def _ln_setup(ctx, inputs, output):
-        x2, weight, _bias, _eps = inputs
+        x2, weight, _bias, _eps, _dtype = inputs
         _y, mean, rstd = output
         ctx.save_for_backward(x2, weight, mean, rstd)
 
     def _ln_backward(ctx, dy, _dmean, _drstd):
         x2, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = _ln_bwd_op(x2, weight, dy.contiguous(), mean, rstd)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
     _ln_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
-def layer_norm_triton(x, weight, bias, eps):
-    """LayerNorm over the last dim via the Triton kernels above (any leading shape)."""
+def layer_norm_triton(x, weight, bias, eps, out_dtype: torch.dtype | None = None):
+    """LayerNorm over the last dim via the Triton kernels above (any leading shape), written
+    in out_dtype (default x's)."""
     shape = x.shape
     assert weight.shape == (shape[-1],) and bias.shape == (shape[-1],), (weight.shape, bias.shape, shape)
-    y, _, _ = _ln_fwd_op(x.reshape(-1, shape[-1]).contiguous(), weight, bias, float(eps))
+    y, _, _ = _ln_fwd_op(x.reshape(-1, shape[-1]).contiguous(), weight, bias, float(eps), out_dtype or x.dtype)
     return y.reshape(shape)

@@ -3,7 +3,8 @@
 x, y (B, N, D); gamma (D,); scale (B,) = drop-path keep flag / keep probability per sample
 (all ones at inference). One Triton pass writes `out`; backward writes dy = dout * scale * gamma
 and per-program partial sums of dgamma = sum(dout * scale * y), summed by torch; dx = dout.
-`residual_ref` is the twin. Block size for D = 384..1024, not yet GPU-tuned.
+`residual_ref` is the twin. `out` has the promoted dtype of x, y and gamma (an fp32 stream
+plus a bf16 branch gives fp32, as torch's type promotion does in the twin); dy has y's dtype. Block size for D = 384..1024, not yet GPU-tuned.
 """
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ except ImportError:
 ROWS = 16
 
 
+def _out_dtype(x, y, gamma) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x.dtype, y.dtype), gamma.dtype)
+
+
 def residual_ref(x, y, gamma, scale):
-    """The twin: x + scale[:, None, None] * gamma * y."""
-    return x + scale.to(x.dtype)[:, None, None] * (gamma * y)
+    """The twin: x + scale[:, None, None] * gamma * y, in the promoted dtype of x, y, gamma."""
+    return (x + scale.float()[:, None, None] * (gamma * y)).to(_out_dtype(x, y, gamma))
 
 
 if triton is not None:
@@ -58,13 +63,13 @@ if triton is not None:
     @torch.library.custom_op("beitfast::residual_fwd", mutates_args=())
     def _res_fwd_op(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        out = torch.empty_like(x)
+        out = torch.empty_like(x, dtype=_out_dtype(x, y, gamma))
         _res_fwd[(b * n,)](x, y, gamma, scale, out, n, d, BLOCK=triton.next_power_of_2(d))
         return out
 
     @_res_fwd_op.register_fake
     def _(x, y, gamma, scale):
-        return torch.empty_like(x)
+        return torch.empty_like(x, dtype=_out_dtype(x, y, gamma))
 
     @torch.library.custom_op("beitfast::residual_bwd", mutates_args=())
     def _res_bwd_op(dout: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor
@@ -81,13 +86,14 @@ if triton is not None:
         return torch.empty_like(y), torch.empty_like(gamma)
 
     def _res_setup(ctx, inputs, output):
-        _x, y, gamma, scale = inputs
+        x, y, gamma, scale = inputs
         ctx.save_for_backward(y, gamma, scale)
+        ctx.x_dtype = x.dtype
 
     def _res_backward(ctx, dout):
         y, gamma, scale = ctx.saved_tensors
         dy, dg = _res_bwd_op(dout.contiguous(), y, gamma, scale)
-        return dout, dy, dg, None
+        return dout.to(ctx.x_dtype), dy, dg, None
 
     _res_fwd_op.register_autograd(_res_backward, setup_context=_res_setup)
 

@@ -41,6 +41,33 @@ def test_layer_norm_3d_input():
         torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_dtypes_follow_the_residual_policy():
+    """fp32 stream in, bf16 branch: LayerNorm under autocast writes bf16 (dx stays fp32), the
+    residual add writes fp32 (dy stays bf16); Triton and the twins agree on dtypes and values."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    x = torch.randn(2, 9, 48, generator=g).requires_grad_()
+    y = torch.randn(2, 9, 48, generator=g).to(torch.bfloat16).requires_grad_()
+    w, b = torch.randn(48, generator=g).requires_grad_(), torch.randn(48, generator=g).requires_grad_()
+    gamma = torch.full((48,), 1e-5).requires_grad_()
+    scale = torch.tensor([1.25, 0.0])
+    res = {}
+    for impl in ("torch", "triton"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ln = K.layer_norm(x, w, b, 1e-6, impl)
+        out = K.residual_add(x, y, gamma, scale, impl)
+        assert ln.dtype == torch.bfloat16 and out.dtype == torch.float32, impl
+        for t in (x, y, w, b, gamma):
+            t.grad = None
+        (ln.float().square().sum() + (out * torch.linspace(-1, 1, 48)).sum()).backward()
+        assert x.grad.dtype == torch.float32 and y.grad.dtype == torch.bfloat16
+        res[impl] = [ln.detach().float(), out.detach(), x.grad, y.grad.float(), w.grad, b.grad, gamma.grad]
+    for what, f, s in zip(("ln", "out", "dx", "dy", "dw", "db", "dgamma"), res["triton"], res["torch"]):
+        err = float((f - s).norm() / s.norm())  # bf16 outputs may differ by one unit in the last place
+        assert err < 1e-2, (what, err)
+    # 1e-5 * y is far below bf16's resolution of x: only an fp32 output keeps it
+    assert (res["torch"][1][0] != x.detach()[0]).float().mean() > 0.9  # sample 1 is dropped (scale 0)
+
+
 @pytest.mark.parametrize("b,n,d", [(1, 1, 8), (3, 5, 24), (4, 17, 96)])
 def test_residual(b, n, d):
     x, y = torch.randn(b, n, d, requires_grad=True), torch.randn(b, n, d, requires_grad=True)
@@ -130,7 +157,7 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert K.resolve("layer_norm", "triton", t) == "triton"  # interpreter on
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="CUDA tensor or TRITON_INTERPRET"):
+    with pytest.raises(RuntimeError, match="CUDA device or TRITON_INTERPRET"):
         K.resolve("residual", "triton", t)
     if not K.HAVE_APEX:
         with pytest.raises(RuntimeError, match="Apex"):
@@ -147,7 +174,7 @@ def test_custom_ops_pass_opcheck():
 
     L, R, H = (importlib.import_module(f"kernels.{m}") for m in ("layernorm", "residual", "masked_head"))
     x, w, b = torch.randn(6, 16, requires_grad=True), torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
-    cases = [(L._ln_fwd_op, (x, w, b, 1e-6)),
+    cases = [(L._ln_fwd_op, (x, w, b, 1e-6, torch.float32)), (L._ln_fwd_op, (x, w, b, 1e-6, torch.bfloat16)),
              (R._res_fwd_op, (torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16, requires_grad=True),
                               torch.randn(16, requires_grad=True), torch.tensor([1.0, 0.0])))]
     valid = torch.tensor([1, 1, 1, 0, 0]).bool()

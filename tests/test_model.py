@@ -255,3 +255,60 @@ def test_mim_step_traces_as_one_graph_with_the_mask_budget():
             torch.compile(m, fullgraph=True, backend="eager")(x, mask, tgt)
     finally:
         torch._dynamo.reset()
+
+
+def _bf16_model(kernels, gamma, seed=7):
+    """A tiny 2-block model with random weights but the given layer scale (BEiT-L's 1e-5)."""
+    torch.manual_seed(seed)
+    m = Beit(BeitArgs(size="tiny", img_size=32, vocab_size=40, depth=2, kernels=kernels, drop_path=0,
+                      layer_scale_init=gamma))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "gamma" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return m
+
+
+def _stream_update(m, x, mask, autocast: bool):
+    """(dtype of the stream after the blocks, what the blocks added to the embedded tokens)."""
+    seen = {}
+    hook = m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.update(x0=args[0].detach()))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m.forward_features(x, mask).detach()
+    finally:
+        hook.remove()
+    return out.dtype, (out.float() - seen["x0"].float())
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_bf16_residual_stream_keeps_the_branch_updates(kernels):
+    """Residual-dtype policy: under bf16 autocast the stream stays fp32, so BEiT-L's 1e-5 *
+    branch updates survive (in a bf16 stream they are far below its resolution and vanish).
+    What the blocks add must match the fp32 model's within bf16 branch rounding."""
+    m = _bf16_model(kernels, 1e-5)
+    x, mask = torch.randn(2, 3, 32, 32), torch.rand(2, 2, 2) < 0.5
+    dtype, upd = _stream_update(m, x, mask, autocast=True)
+    _, ref = _stream_update(m, x, mask, autocast=False)
+    assert dtype == torch.float32
+    assert ref.norm() > 0 and _rel(upd, ref) < 3e-2, _rel(upd, ref)
+
+
+def test_bf16_fused_matches_unfused_per_tensor_at_large_layer_scale():
+    """Fused (Triton, interpreted here) vs unfused under bf16 autocast at BEiT-L's gamma 1e-5:
+    the loss and EVERY parameter's gradient, each compared on its own (one norm over all
+    gradients would be dominated by the largest tensors)."""
+    x, mask, tgt = torch.randn(2, 3, 32, 32), torch.rand(2, 2, 2) < 0.6, torch.randint(0, 40, (2, 2, 2))
+    mask[0, 0, 0] = True
+    out = {}
+    for k in ("torch", "triton"):
+        m = _bf16_model(k, 1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = m(x, mask, tgt, max_masked=4)
+        o["loss"].backward()
+        out[k] = (o["loss"].detach(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
+    assert _rel(out["triton"][0], out["torch"][0]) < 1e-2
+    assert out["triton"][1].keys() == out["torch"][1].keys() and len(out["torch"][1]) > 20
+    errs = {n: _rel(out["triton"][1][n], g) for n, g in out["torch"][1].items() if g.norm() > 0}
+    assert max(errs.values()) < 2e-2, sorted(errs.items(), key=lambda kv: -kv[1])[:5]
