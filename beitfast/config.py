@@ -70,6 +70,8 @@ class TokenizerConfig:
     kind: Literal["dalle", "dvae"] = "dalle"
     path: str = ""
     batch_size: int = 256
+    # fp32 as the reference runs DALL-E; bf16 flips the argmax on near ties (README, measured)
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -105,6 +107,8 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
+    stop_at: int = 0  # exit after the checkpoint at this step, as if the job were killed (resume tests; 0: off)
+    allow_world_change: bool = False  # resume a checkpoint of another world size (per-rank RNG streams reseeded)
 
 
 @dataclass
@@ -113,6 +117,7 @@ class LogConfig:
     every: int = 50  # steps between host syncs for metrics
     ckpt_every_epochs: int = 20
     progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard event files next to metrics.jsonl
     profile_steps: int = 0  # >0: profile this many steps (after 3 warm-up steps) into <out>/profile/
 
 

@@ -24,13 +24,40 @@ def setup(device_pref: str = "auto") -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
-def rng_states(world: int) -> list[torch.Tensor]:
-    """Every rank's torch RNG state (collective when world > 1), for checkpoints."""
+def rng_states(world: int, device: torch.device) -> list[dict]:
+    """Every rank's RNG states, {"cpu": ..., "cuda": ... or None} (collective when world > 1),
+    for checkpoints: drop path and dropout draw from the CUDA generator on a GPU."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
     if world == 1:
-        return [torch.get_rng_state()]
+        return [mine]
     out = [None] * world
-    dist.all_gather_object(out, torch.get_rng_state())
+    dist.all_gather_object(out, mine)
     return out
+
+
+class WorldSizeChanged(ValueError):
+    """A checkpoint written by another number of processes than this run has."""
+
+
+def restore_rng(states: list, rank: int, world: int, device: torch.device, reseed: int | None = None) -> None:
+    """Restore this rank's RNG states from a checkpoint's `rng_states` list. A checkpoint of
+    another world size is refused (WorldSizeChanged) unless `reseed` is given: then every rank
+    seeds its generators from `reseed` + rank, and says so, instead of silently taking another
+    rank's stream."""
+    if len(states) != world:
+        if reseed is None:
+            raise WorldSizeChanged(
+                f"the checkpoint was written by {len(states)} process(es) and this run has {world}: its per-rank "
+                f"random streams cannot be continued exactly; resume with {len(states)} process(es)")
+        torch.manual_seed(reseed + rank)  # seeds the CUDA generators too
+        return
+    st = states[rank]
+    if isinstance(st, torch.Tensor):  # checkpoints written before CUDA states were kept
+        st = {"cpu": st, "cuda": None}
+    torch.set_rng_state(st["cpu"])
+    if device.type == "cuda" and st.get("cuda") is not None:
+        torch.cuda.set_rng_state(st["cuda"], device)
 
 
 def start_run(cfg, prog: str) -> tuple[int, int, torch.device, Path] | None:

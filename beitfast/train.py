@@ -3,65 +3,130 @@
     torchrun --nproc_per_node=8 beitfast/train.py --cfg base.yaml [section.key=value ...]
     python beitfast/train.py --cfg tiny.yaml data.cache=runs/demo/cache     (CPU)
 
-Reads in data-flow order: config -> distributed setup -> data -> model -> optimizer ->
-loop -> checkpoints. Writes to log.out_dir: config.yaml (resolved), metrics.jsonl, ckpt.pt
-(atomic; `['model']` holds the reference key names; a re-run resumes from it).
+Reads in data-flow order: config -> start-up checks -> distributed setup -> data -> model ->
+optimizer -> loop -> checkpoints. Writes to log.out_dir: config.yaml (resolved), metrics.jsonl
+(a row every log.every steps), TensorBoard event files (log.tensorboard), ckpt.pt (atomic;
+`['model']` holds the reference key names; a re-run resumes from it exactly).
+
+Exit codes: 0 done; 1 the run failed in the loop (the message is the last line on stderr,
+the last good checkpoint is kept); 2 it could not start (config, cache, checkpoint).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import resource
 import sys
 import time
+import traceback
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import kernels
 from beitfast import distributed
 from beitfast.config import ConfigError, cli_config
-from beitfast.data.cache import CacheError, TokenCache, expected_settings
-from beitfast.data.loader import CachedViewLoader
+from beitfast.data.cache import CacheError, TokenCache
+from beitfast.data.loader import CachedViewLoader, one_line
 from beitfast.data.prefetch import prefetch
 from beitfast.model import Beit, BeitArgs
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics
 
-CKPT_FORMAT = "beitfast-pretrain-ckpt/1"
+CKPT_FORMAT = "beitfast-pretrain-ckpt/2"  # 2: per-rank CPU and CUDA RNG states, world size, loss scaler
+
+
+class StartError(Exception):
+    """The run cannot start as configured; the message says why and what to do."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm stopped being finite."""
+
+
+class LoopFailure(Exception):
+    """Anything that went wrong once training had started (the cause is chained)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"failed at step {step}")
+        self.step = step
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warmup from 0, then cosine to min_lr (per step, as the reference)."""
+    """The reference's per-step schedule (unilm `cosine_scheduler`): warm-up linspace(0, lr,
+    warmup), which reaches lr at step warmup - 1, then cosine from lr at step `warmup` towards
+    min_lr at step `total`."""
     if step < warmup:
-        return lr * step / warmup
+        return lr * step / (warmup - 1) if warmup > 1 else 0.0
     t = (step - warmup) / max(1, total - warmup)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def param_groups(model: Beit, weight_decay: float) -> list[dict]:
-    """No decay for 1-D parameters (biases, norms, gammas, q/v biases), cls_token and
-    pos_embed (REFERENCE.md section 4); like the reference, mask_token and the rel-pos table
-    are decayed."""
+    """The reference's rule: no decay for 1-D parameters (biases, norms, gammas, q/v biases)
+    and the model's no_weight_decay() names (cls_token, pos_embed); the mask token and the
+    rel-pos table (2-D and up) are decayed."""
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_table = name.endswith("relative_position_bias_table")
-        (no_decay if (p.ndim == 1 or name in skip) and not is_table else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(groups, o, device):
-    if o.fused in ("auto", "apex"):
-        try:
-            from apex.optimizers import FusedAdam
+def _apex_fused_adam():
+    try:
+        from apex.optimizers import FusedAdam
 
-            if device.type == "cuda":
-                return FusedAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
-        except ImportError:
-            if o.fused == "apex":
-                raise RuntimeError("optim.fused=apex but Apex is not installed (see README)") from None
+        return FusedAdam
+    except ImportError:
+        return None
+
+
+def optimizer_choice(choice: str, device: torch.device) -> str:
+    """optim.fused: auto = Apex FusedAdam on CUDA when installed, else torch's fused AdamW;
+    apex / torch force one. Refuses an impossible choice naming the key."""
+    have_apex, cuda = _apex_fused_adam() is not None, device.type == "cuda"
+    if choice == "apex" and not (have_apex and cuda):
+        raise ConfigError(f"optim.fused=apex needs NVIDIA Apex on a CUDA device (Apex installed: {have_apex}, "
+                          f"device: {device}); optim.fused=auto uses it when it is there")
+    return "apex" if choice == "apex" or (choice == "auto" and have_apex and cuda) else "torch"
+
+
+def build_optimizer(groups, o, device):
+    if optimizer_choice(o.fused, device) == "apex":
+        return _apex_fused_adam()(groups, lr=o.lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+
+
+def check_choices(cfg, device: torch.device) -> dict:
+    """Start-up checks of the choices only this machine can judge; a ConfigError names the
+    key. Returns what they resolve to (for the start line)."""
+    try:
+        kernel_impls = kernels.policy(cfg.model.kernels, device)
+    except RuntimeError as e:
+        raise ConfigError(f"model.kernels={cfg.model.kernels}: {e}") from None
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install tensorboard)")
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise ConfigError("model.attention=flex needs a CUDA device to train (torch has no FlexAttention backward "
+                          "on CPU); use model.attention=sdpa")
+    return {"kernels": kernel_impls, "optimizer": optimizer_choice(cfg.optim.fused, device)}
+
+
+def configured_tokenizer(cfg) -> dict | None:
+    """The identity (kind, weights checksum, sizes, precision) of the tokenizer the config names,
+    or None when its weights are not on this machine (the cache's tokens then go unchecked)."""
+    if not cfg.tokenizer.path or not Path(cfg.tokenizer.path).exists():
+        return None
+    from beitfast.tokenizers import build_tokenizer
+
+    try:
+        return build_tokenizer(cfg.tokenizer, cfg.data.tokenizer_img_size, "cpu").identity
+    except (ValueError, ImportError) as e:
+        raise StartError(f"tokenizer.path={cfg.tokenizer.path}: {e}") from None
 
 
 def start_profiler(where, steps: int, cuda: bool):
@@ -83,80 +148,83 @@ def start_profiler(where, steps: int, cuda: bool):
     return p
 
 
-def main(argv=None) -> int:
-    # --- config
-    argv = list(sys.argv[1:] if argv is None else argv)
-    stop_at = 0  # --stop-at N: exit after the checkpoint at step N, as if killed (resume tests)
-    if "--stop-at" in argv:
-        i = argv.index("--stop-at")
-        stop_at = int(argv[i + 1])
-        del argv[i:i + 2]
-    try:
-        cfg = cli_config(argv)
-    except ConfigError as e:
-        print(f"train: config error: {e}", file=sys.stderr)
-        return 2
-    if not cfg.data.cache:
-        print("train: data.cache is empty: build a token cache with data_prep/tokenize_imagenet.py and pass "
-              "data.cache=DIR", file=sys.stderr)
-        return 2
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated on the GPU, or the process's maximum resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
-    started = distributed.start_run(cfg, "train")
-    if started is None:
-        return 2
-    world, rank, device, out = started
+
+def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> None:
     cuda = device.type == "cuda"
     main_proc = rank == 0
+    resolved = check_choices(cfg, device)
 
     # --- data
     per_pass = cfg.data.batch_size * world
     if cfg.train.global_batch % per_pass:
-        print(f"train: train.global_batch ({cfg.train.global_batch}) must be a multiple of data.batch_size "
-              f"({cfg.data.batch_size}) x {world} processes; the difference is made up by gradient accumulation",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"train.global_batch ({cfg.train.global_batch}) must be a multiple of data.batch_size "
+                          f"({cfg.data.batch_size}) x {world} processes; the difference is made up by gradient "
+                          f"accumulation")
     accum = cfg.train.global_batch // per_pass
     if cfg.data.backend == "ffcv":
-        print("train: data.backend=ffcv is not built yet; use data.backend=dali or reference", file=sys.stderr)
-        return 2
-    if main_proc:
-        print(f"[train] {world} process(es) x data.batch_size {cfg.data.batch_size} x {accum} accumulation "
-              f"step(s) = global batch {cfg.train.global_batch}; loader: cached views rendered through DALI on the "
-              f"{'GPU' if cuda else 'CPU'}, {cfg.data.prefetch} batches ahead in a thread"
-              + (" (the DALI GPU pipeline with its own queues is not built yet)" if cfg.data.backend == "dali" else ""))
-    try:
-        cache = TokenCache(cfg.data.cache)
-        cache.check(expected_settings(cfg, cache.settings["tokenizer"]))
-        if cache.settings["tokenizer"]["vocab_size"] != cfg.model.vocab_size:
-            raise CacheError(f"{cache.path}: tokenizer vocabulary {cache.settings['tokenizer']['vocab_size']} "
-                             f"!= model.vocab_size {cfg.model.vocab_size}")
-        loader = CachedViewLoader(cache, cfg, rank, world, device, accum)
-    except (CacheError, ValueError) as e:
-        print(f"train: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("data.backend=ffcv is not built yet; use data.backend=dali or reference")
+    if not cfg.data.cache:
+        raise ConfigError("data.cache is empty: build a token cache with data_prep/tokenize_imagenet.py and pass "
+                          "data.cache=DIR")
+    cache = TokenCache(cfg.data.cache)
+    tokenizer = configured_tokenizer(cfg)
+    cache.check_config(cfg, tokenizer)
+    loader = CachedViewLoader(cache, cfg, rank, world, device, accum)
     steps_per_epoch = loader.steps_per_epoch
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+    if main_proc:
+        print(f"[train] {world} process(es) x data.batch_size {cfg.data.batch_size} x {accum} accumulation "
+              f"step(s) = global batch {cfg.train.global_batch}; loader: cached views rendered through DALI on the "
+              f"{'GPU' if cuda else 'CPU'}, {cfg.data.prefetch} batches ahead in a thread"
+              + (" (the DALI GPU pipeline with its own queues is not built yet)" if cfg.data.backend == "dali" else "")
+              + f"; kernels {resolved['kernels']}; optimizer {resolved['optimizer']}; precision {cfg.train.precision}")
+        if tokenizer is None:
+            print(f"[train] note: tokenizer.path={cfg.tokenizer.path or '(empty)'} is not on this machine, so the "
+                  f"cache's tokenizer ({cache.settings['tokenizer']['kind']}, weights "
+                  f"{cache.settings['tokenizer']['weights_sha256'][:12]}) is not checked against the config")
 
-    # --- model, optimizer
+    # --- model, optimizer, resume
     model = Beit(BeitArgs.from_config(cfg.model)).to(device)
     opt = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     step = 0
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists():
         try:
             ck = read_checkpoint(ckpt_path, CKPT_FORMAT, "move it away to start over")
         except ValueError as e:
-            print(f"train: {e}", file=sys.stderr)
-            return 2
+            raise StartError(str(e)) from None
+        if ck["config"]["train"]["global_batch"] != cfg.train.global_batch:
+            raise StartError(f"{ckpt_path} was trained with train.global_batch={ck['config']['train']['global_batch']}"
+                             f", this config has {cfg.train.global_batch}: its steps would replay other images; "
+                             f"resume with the same global batch or move the checkpoint away")
+        try:
+            distributed.restore_rng(ck["rng"], rank, world, device,
+                                    reseed=cfg.train.seed * 1_000_003 + ck["step"] if cfg.train.allow_world_change
+                                    else None)
+        except distributed.WorldSizeChanged as e:
+            raise StartError(f"{ckpt_path}: {e}, or set train.allow_world_change=true to go on with fresh per-rank "
+                             f"random streams (the images and masks of every step stay the same)") from None
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         step = ck["step"]
-        torch.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         if main_proc:
-            print(f"[train] resumed from {ckpt_path} at step {step}")
+            print(f"[train] resumed from {ckpt_path} at step {step}"
+                  + (f" (written by {len(ck['rng'])} process(es); per-rank random streams reseeded)"
+                     if len(ck["rng"]) != world else ""))
+    last_good = step if ckpt_path.exists() else None
     if main_proc:
         reset_metrics(out / "metrics.jsonl", step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -165,47 +233,64 @@ def main(argv=None) -> int:
         fwd = torch.compile(ddp)
         if main_proc:
             print("[train] model step compiled with torch.compile (first steps include compilation)")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cuda else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     def checkpoint(at: int) -> None:
-        rng = distributed.rng_states(world)
+        rng = distributed.rng_states(world, device)
         if main_proc:
             atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "step": at, "epoch": at // steps_per_epoch, "rng": rng, "config": cfg.to_dict()}, ckpt_path)
+                         "scaler": scaler.state_dict() if scaler is not None else None, "step": at,
+                         "epoch": at // steps_per_epoch, "world": world, "rng": rng, "config": cfg.to_dict()},
+                        ckpt_path)
+
+    def non_finite(first: int, last: int) -> NonFiniteError:
+        kept = f"{ckpt_path} (step {last_good}) is the last good checkpoint, kept as it was" if last_good is not None \
+            else "no checkpoint had been written yet"
+        return NonFiniteError(f"non-finite loss or gradient norm in steps {first}..{last}; stopped without saving: "
+                              f"{kept}. Lower optim.lr, lengthen optim.warmup_epochs or tighten optim.clip_grad")
 
     # --- loop
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
-    acc = torch.zeros(3, device=device)  # loss sum, correct, masked: reduced every log.every steps
-    n_acc, t0 = 0, time.time()
-    model.train()
+    # per report window: loss sum, correct, masked, grad-norm sum, grad norms counted, non-finite steps
+    acc = torch.zeros(6, device=device)
+    n_acc, t0, first = 0, time.time(), step + 1
     ckpt_every = max(1, cfg.log.ckpt_every_epochs * steps_per_epoch)
+    writer = None
+    if main_proc and cfg.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out), purge_step=step + 1)  # a resumed run drops events past its checkpoint
     prof = start_profiler(out / "profile", cfg.log.profile_steps, cuda) if (main_proc and cfg.log.profile_steps) else None
-    while step < total:
-        epoch = step // steps_per_epoch
-        micro = prefetch(loader.epoch(epoch, start_step=step % steps_per_epoch), cfg.data.prefetch, device)
-        for _ in range(step % steps_per_epoch, steps_per_epoch):
+    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
+    batches = prefetch(loader.stream(step), cfg.data.prefetch, device)
+    model.train()
+    try:
+        while step < total:
             lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             for m in range(accum):  # DDP averages over ranks; dividing by accum averages over micro-batches
-                batch = next(micro)
+                batch = next(batches)
                 with ddp.no_sync() if (world > 1 and m < accum - 1) else nullcontext():
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         o = fwd(batch["images"], batch["mask"], batch["tokens"], cfg.mask.num_patches)
                     loss = o["loss"] / accum if accum > 1 else o["loss"]
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                acc += torch.stack([loss.detach().float(), o["correct"].float(), o["n_masked"].float()])
+                acc[:3] += torch.stack([loss.detach().float(), o["correct"].float(), o["n_masked"].float()])
+                acc[5] += (~torch.isfinite(loss.detach())).float()
             if scaler is not None:
                 scaler.unscale_(opt)
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            if scaler is not None:
+            params = [p for p in model.parameters() if p.grad is not None]
+            gn = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad) if cfg.optim.clip_grad
+                  else torch.nn.utils.get_total_norm([p.grad for p in params]))
+            finite = torch.isfinite(gn)
+            acc[3] += torch.where(finite, gn, 0.0)
+            acc[4] += finite.float()
+            if scaler is not None:  # an overflowed step is skipped by the scaler, not an error
                 scaler.step(opt)
                 scaler.update()
             else:
+                acc[5] += (~finite).float()
                 opt.step()
             opt.zero_grad(set_to_none=True)
             n_acc += 1
@@ -216,31 +301,79 @@ def main(argv=None) -> int:
             if step % cfg.log.every == 0 or step == total:
                 if world > 1:
                     dist.all_reduce(acc)
-                loss_sum, correct, masked = acc.tolist()  # the one host sync per report
-                row = {"step": step, "epoch": epoch, "loss": round(loss_sum / (n_acc * world), 5),
-                       "mim_acc": round(correct / max(1.0, masked), 5), "lr": lr,
-                       "images_per_s": round(n_acc * cfg.train.global_batch / (time.time() - t0), 2)}
+                loss_sum, correct, masked, gn_sum, gn_n, bad = acc.tolist()  # the one host sync per report
+                if bad:
+                    raise non_finite(first, step)
+                dt = time.time() - t0
+                row = {"step": step, "epoch": (step - 1) // steps_per_epoch, "steps": n_acc,
+                       "loss": round(loss_sum / (n_acc * world), 5), "mim_acc": round(correct / max(1.0, masked), 5),
+                       "lr": lr, "grad_norm": round(gn_sum / max(1.0, gn_n), 5),
+                       "step_time_ms": round(1000 * dt / n_acc, 2),
+                       "images_per_s": round(n_acc * cfg.train.global_batch / dt, 2),
+                       "peak_mem_mib": round(peak_memory_mib(device), 1)}
+                if scaler is not None:
+                    row["loss_scale"] = scaler.get_scale()
                 if main_proc:
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    if writer is not None:
+                        for k, v in row.items():
+                            if k not in ("step", "epoch"):
+                                writer.add_scalar(f"train/{k}", v, step)
                     bar.set_postfix(loss=row["loss"], acc=row["mim_acc"])
                 acc.zero_()
-                n_acc, t0 = 0, time.time()
-            if step % ckpt_every == 0 or step == total or step == stop_at:
+                n_acc, t0, first = 0, time.time(), step + 1
+            if step % ckpt_every == 0 or step == total or step == cfg.train.stop_at:
+                bad = acc[5:].clone()  # steps since the last report: never save non-finite weights
+                if world > 1:
+                    dist.all_reduce(bad)
+                if bad.item():
+                    raise non_finite(first, step)
                 checkpoint(step)
-            if step >= total or step == stop_at:
+                last_good = step
+            if step == cfg.train.stop_at:
+                if main_proc:
+                    print(f"[train] stopped at step {step} as asked (train.stop_at); re-run to resume")
                 break
-        micro.close()  # stops the prefetch thread now, not when the generator is collected
-        if stop_at and step == stop_at:
-            break
-    bar.close()
-    if prof is not None:
-        prof.stop()
+    except Exception as e:
+        raise LoopFailure(step + 1) from e
+    finally:
+        batches.close()  # joins the prefetch thread before the DALI pipeline goes
+        loader.close()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if prof is not None:
+            prof.stop()
     if main_proc:
         print(f"[train] {step} steps done; checkpoint {ckpt_path}, metrics {out / 'metrics.jsonl'}")
-    if world > 1:
-        dist.destroy_process_group()
-    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = cli_config(argv)
+    except ConfigError as e:
+        print(f"train: config error: {e}", file=sys.stderr)
+        return 2
+    started = distributed.start_run(cfg, "train")
+    if started is None:
+        return 2
+    world, rank, device, out = started
+    try:
+        pretrain(cfg, world, rank, device, out)
+        return 0
+    except (ConfigError, CacheError, StartError) as e:
+        print(f"train: cannot start: {e}", file=sys.stderr)
+        return 2
+    except LoopFailure as f:  # the traceback for a bug report where it helps, the message last
+        e = f.__cause__
+        if not isinstance(e, (NonFiniteError, CacheError)):
+            traceback.print_exception(e)
+        print(f"train: {f}: {type(e).__name__}: {one_line(e, 2000)}", file=sys.stderr)
+        return 1
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

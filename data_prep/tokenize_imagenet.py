@@ -7,8 +7,9 @@ For each image (ImageNet layout `DIR/train/<class>/*`, or `--file-list` lines
 `relative/path label`), samples K views (crop box, flip, colour-jitter factors and order; a
 pure function of seed, index and image size), renders each view's tokenizer input with the
 shared view code (beitfast/data/views.py; DALI, GPU decoder when a GPU is present), runs the
-tokenizer (bf16 on GPU) and stores the tokens beside the view parameters and the image
-bytes. The format is described in beitfast/data/cache.py and the README.
+tokenizer (tokenizer.precision: fp32 by default, as the reference) and stores the tokens
+beside the view parameters and the image bytes. The format is described in
+beitfast/data/cache.py and the README.
 
 Shards are independent and deterministic: ranks take shards round-robin; every file is
 written under a temporary name and renamed when complete, a shard's done-marker last and the

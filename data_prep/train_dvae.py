@@ -271,7 +271,11 @@ def main(argv=None) -> int:
         if ema is not None:
             ema.load_state_dict(ck["ema"])
         step = ck["step"]
-        torch.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        try:
+            distributed.restore_rng(ck["rng"], rank, world, device)
+        except distributed.WorldSizeChanged as e:
+            print(f"train_dvae: {ckpt_path}: {e}", file=sys.stderr)
+            return 2
         if main_proc:
             print(f"[dvae] resumed from {ckpt_path} at step {step}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -295,7 +299,7 @@ def main(argv=None) -> int:
                 "baseline_psnr": round(baseline_psnr, 3), "perplexity": round(ppl, 2), "used_fraction": round(used, 4)}
 
     def checkpoint(at: int) -> None:
-        rng = distributed.rng_states(world)
+        rng = distributed.rng_states(world, device)
         if main_proc:
             atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "opt": opt.state_dict(),
                          "ema": ema.state_dict() if ema is not None else None, "step": at, "rng": rng,

@@ -11,7 +11,8 @@ from tests.conftest import ROOT
 
 @pytest.mark.parametrize("script,keys", [
     ("bench_masking.py", ["numba_masks_per_s", "reference_masks_per_s", "speedup", "batch2048_ms"]),
-    ("bench_tokenizer.py", ["dalle_images_per_s", "dalle_gflop_per_image", "dvae_tiny_images_per_s"]),
+    ("bench_tokenizer.py", ["dalle_fp32_images_per_s", "dalle_bf16_images_per_s", "dalle_gflop_per_image",
+                           "dalle_bf16_agreement", "dvae_tiny_bf16_agreement", "dvae_tiny_images_per_s"]),
     ("bench_tokenize.py", ["dvae_tiny_views_per_s", "dalle_images_per_s", "online_dalle_ms_per_step_b128",
                           "rss_growth_4x_data"]),
     ("bench_loader.py", ["sync_images_per_s", "prefetch_images_per_s", "speedup_prefetch_vs_sync",

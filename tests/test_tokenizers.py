@@ -15,7 +15,11 @@ from beitfast.tokenizers.dalle import DalleEncoder, DalleTokenizer, load_dalle_w
 from beitfast.tokenizers.dvae import DVAE, DVAEArch, DVAETokenizer, load_export
 from tests.conftest import ROOT
 
-dall_e = pytest.importorskip("dall_e")
+try:
+    import dall_e
+except ImportError:  # only the parity and pickle tests need it; the dVAE tests do not
+    dall_e = None
+needs_dall_e = pytest.mark.skipif(dall_e is None, reason="the dall-e package is not installed")
 
 
 def _dalle_reference_tokens(enc, x_uint8):
@@ -24,6 +28,8 @@ def _dalle_reference_tokens(enc, x_uint8):
 
 @pytest.fixture(scope="module")
 def small_pickle(tmp_path_factory):
+    if dall_e is None:
+        pytest.skip("the dall-e package is not installed")
     torch.manual_seed(int(np.random.randint(1 << 30)))
     enc = dall_e.Encoder(n_hid=64, vocab_size=512)
     path = tmp_path_factory.mktemp("dalle") / "encoder.pkl"
@@ -31,6 +37,7 @@ def small_pickle(tmp_path_factory):
     return enc, path
 
 
+@needs_dall_e
 def test_pickle_parity_with_dall_e(small_pickle):
     enc, path = small_pickle
     tok = DalleTokenizer.from_file(path, input_size=64, batch_size=5)
@@ -41,6 +48,7 @@ def test_pickle_parity_with_dall_e(small_pickle):
     assert torch.equal(tok.encode(x.float() / 255), ours)  # [0, 1] floats give the same tokens
 
 
+@needs_dall_e
 def test_state_dict_parity(small_pickle, tmp_path):
     enc, _ = small_pickle
     torch.save(enc.state_dict(), tmp_path / "sd.pt")
@@ -49,6 +57,7 @@ def test_state_dict_parity(small_pickle, tmp_path):
     assert torch.equal(tok.encode(x), _dalle_reference_tokens(enc, x))
 
 
+@needs_dall_e
 def test_full_size_architecture_and_one_image():
     """The default encoder: 53.8M parameters, 112 -> 14x14 of 8192, tokens equal dall_e's."""
     torch.manual_seed(0)
@@ -68,6 +77,7 @@ class Evil:
         return (os.system, ("touch /tmp/beitfast-pwned",))
 
 
+@needs_dall_e
 @pytest.mark.parametrize("payload", ["evil", "linear", "list", "garbage"])
 def test_refuses_unexpected_pickles(tmp_path, payload):
     path = tmp_path / "encoder.pkl"
@@ -94,6 +104,7 @@ def test_wrong_state_dict_is_refused(tmp_path):
         load_dalle_weights(tmp_path / "missing.pkl")
 
 
+@needs_dall_e
 def test_identity_tracks_weights(small_pickle):
     _, path = small_pickle
     a = DalleTokenizer.from_file(path, input_size=32)
@@ -105,6 +116,7 @@ def test_identity_tracks_weights(small_pickle):
     assert weights_checksum(b.net) != a.identity["weights_sha256"]
 
 
+@needs_dall_e
 def test_encode_rejects_wrong_size(small_pickle):
     tok = DalleTokenizer.from_file(small_pickle[1], input_size=32)
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
@@ -200,3 +212,30 @@ def test_missing_dalle_weights_say_where_to_get_them(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"nope.pkl .*cdn.openai.com/dall-e/encoder.pkl.*tokenizer.kind=dvae"):
         load_dalle_weights(tmp_path / "nope.pkl")
+
+
+def test_precision_is_honoured_and_recorded(tmp_path):
+    """tokenizer.precision: fp32 (the default, as the reference runs DALL-E) computes in fp32
+    on every device; bf16 runs the encoder under bf16 autocast (the output conv stays fp32, as
+    in dall_e). The identity a cache records carries it, the weights checksum does not change."""
+    torch.manual_seed(0)
+    model = DVAE(DVAEArch(vocab_size=64, n_hid=16, n_init=16, n_blk_per_group=1, downsample=4))
+    torch.save(model.export(16), tmp_path / "tokenizer.pt")
+    x = torch.rand(3, 3, 16, 16)
+    ids, seen = {}, {}
+    for p in ("fp32", "bf16"):
+        cfg = load_config("tiny", [f"tokenizer.path={tmp_path / 'tokenizer.pt'}", f"tokenizer.precision={p}"])
+        tok = build_tokenizer(cfg.tokenizer, 16)
+        dtypes = []
+        hooks = [tok.net.blocks.input.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)),
+                 tok.net.blocks.output.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))]
+        codes = tok.encode(x)
+        for h in hooks:
+            h.remove()
+        ids[p], seen[p] = tok.identity, dtypes
+        assert codes.shape == (3, 4, 4)
+    assert seen["fp32"] == [torch.float32, torch.float32] and seen["bf16"] == [torch.bfloat16, torch.float32]
+    assert ids["fp32"]["precision"] == "fp32" and ids["bf16"]["precision"] == "bf16"
+    assert ids["fp32"]["weights_sha256"] == ids["bf16"]["weights_sha256"]
+    with pytest.raises(ValueError, match="precision"):
+        DVAETokenizer(model, 16, precision="fp16")

@@ -87,30 +87,64 @@ def test_prefetched_batches_equal_synchronous_ones(cache):
             assert torch.equal(a[k], b[k]), k
 
 
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_trains_from_any_directory_with_a_bare_config_name(cache, tmp_path):
     out = tmp_path / "run"
-    r = _train(cache, out, cwd=tmp_path)
+    r = _train(cache, out, "log.tensorboard=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(out)
     assert rows[-1]["step"] == 28 and [r["step"] for r in rows] == list(range(2, 29, 2))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3, (rows[0], rows[-1])  # it learns
+    for row in rows:  # what a user reads off a report
+        assert row["steps"] == 2 and row["grad_norm"] > 0 and row["step_time_ms"] > 0 and row["peak_mem_mib"] > 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(out))
+    ev.Reload()
+    loss = ev.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in rows]
+    np.testing.assert_allclose([e.value for e in loss], [r["loss"] for r in rows], rtol=1e-5)
+    assert {"train/grad_norm", "train/mim_acc", "train/lr"} <= set(ev.Tags()["scalars"])
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["step"] == 28 and "rel_pos_bias.relative_position_bias_table" in ck["model"]
     assert ck["config"]["model"]["vocab_size"] == VOCAB and (out / "config.yaml").exists()
 
 
-def test_resume_is_bitwise(cache, tmp_path):
-    assert _train(cache, tmp_path / "a").returncode == 0
-    r = _train(cache, tmp_path / "b", "--stop-at", "11")
-    assert r.returncode == 0 and not (tmp_path / "b" / "metrics.jsonl").read_text().count('"step": 12')
-    r = _train(cache, tmp_path / "b")
+def _same_weights(a, b):
+    a = torch.load(a / "ckpt.pt", weights_only=True)
+    b = torch.load(b / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    return a, b
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_is_bitwise(cache, tmp_path, precision):
+    """Killed after the checkpoint at step 11 (fp32) and resumed: the same weights as a run that
+    never stopped. fp16 uses torch's GradScaler (on CPU here, where fp16 is slow: 6 steps, killed
+    at 3), whose state must survive the resume."""
+    stop, last = (11, 28) if precision == "fp32" else (3, 6)
+    p = [f"train.precision={precision}", f"train.max_steps={last}"]
+    assert _train(cache, tmp_path / "a", *p).returncode == 0
+    r = _train(cache, tmp_path / "b", *p, f"train.stop_at={stop}")
+    assert r.returncode == 0 and f"stopped at step {stop}" in r.stdout
+    assert not (tmp_path / "b" / "metrics.jsonl").read_text().count(f'"step": {stop + 1}')
+    r = _train(cache, tmp_path / "b", *p)
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps))
+    a, b = _same_weights(tmp_path / "a", tmp_path / "b")
+    rows = _rows(tmp_path / "b")
+    assert [r["step"] for r in rows] == list(range(2, last + 1, 2))
+    # the report after the resume covers one step only (so its loss differs from the uninterrupted run's)
+    assert [r["steps"] for r in rows] == [1 if r["step"] == stop + 1 else 2 for r in rows]
+    if precision == "fp16":
+        assert a["scaler"]["_growth_tracker"] > 0 and a["scaler"] == b["scaler"]
+        assert "loss_scale" in rows[-1]
+    else:
+        assert a["scaler"] is None
 
 
 def test_unreadable_checkpoint_is_a_clear_error_and_kept(cache, tmp_path):
@@ -128,10 +162,40 @@ def test_refuses_a_cache_built_otherwise(cache, tmp_path):
     assert r.returncode == 2 and "vocabulary" in r.stderr
 
 
-def test_ddp_two_processes(cache, tmp_path):
-    r = _train(cache, tmp_path / "ddp", "train.max_steps=4", "train.global_batch=16", nproc=2)
+GB16 = ["train.global_batch=16", "train.max_steps=4", "mask.exact=true", "log.every=1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_16(cache, tmp_path_factory):
+    """Global batch 16 on one process (batch 16): the reference run for DDP and accumulation.
+    Masks of exactly N patches, so a mean of per-micro-batch means is the global mean."""
+    out = tmp_path_factory.mktemp("one16")
+    r = _train(cache, out, *GB16, "data.batch_size=16")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 4
+    return out
+
+
+def _same_run(out, ref):
+    np.testing.assert_allclose([r["loss"] for r in _rows(out)], [r["loss"] for r in _rows(ref)], rtol=1e-4)
+    w, want = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (out, ref))
+    for k, v in want.items():
+        torch.testing.assert_close(w[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ddp_two_processes_equal_one_process(cache, tmp_path, one_process_16):
+    """Two gloo DDP processes x 8 images train like one process x 16: same losses every step,
+    same weights; then the checkpoint (written by 2 processes) refuses a 1-process resume
+    unless train.allow_world_change is set."""
+    r = _train(cache, tmp_path / "ddp", *GB16, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_run(tmp_path / "ddp", one_process_16)
+    more = ["train.max_steps=6"]
+    r = _train(cache, tmp_path / "ddp", *GB16, *more)
+    assert r.returncode == 2 and "written by 2 process(es) and this run has 1" in r.stderr, r.stderr[-2000:]
+    assert "train.allow_world_change" in r.stderr.strip().splitlines()[-1]
+    r = _train(cache, tmp_path / "ddp", *GB16, *more, "train.allow_world_change=true")
+    assert r.returncode == 0 and "reseeded" in r.stdout, r.stderr[-2000:]
+    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 6
 
 
 def test_compiled_step_matches_eager(cache, tmp_path):
@@ -147,27 +211,17 @@ def test_compiled_step_matches_eager(cache, tmp_path):
     np.testing.assert_allclose(runs["compiled"], runs["eager"], rtol=2e-3)
 
 
-def test_gradient_accumulation_equals_a_larger_batch(cache, tmp_path):
-    """Global batch 16 three ways: one process x 16, one process x 8 x 2 accumulation steps,
-    two DDP processes x 8. Same images per step (the loader's slicing), masks of exactly N
-    patches (so a mean of per-micro-batch means is the global mean): the same weights."""
-    common = ["train.global_batch=16", "train.max_steps=4", "mask.exact=true", "log.every=1"]
-    runs = {"one_16": (["data.batch_size=16"], 1), "accum_8x2": ([], 1), "ddp_2x8": ([], 2)}
-    weights, losses = {}, {}
-    for name, (extra, nproc) in runs.items():
-        r = _train(cache, tmp_path / name, *common, *extra, nproc=nproc)
-        assert r.returncode == 0, r.stderr[-3000:]
-        weights[name] = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
-        losses[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    assert "2 accumulation step(s)" in _train(cache, tmp_path / "again", *common, "train.max_steps=1").stdout
-    for name in ("accum_8x2", "ddp_2x8"):
-        np.testing.assert_allclose(losses[name], losses["one_16"], rtol=1e-4)
-        for k, w in weights["one_16"].items():
-            torch.testing.assert_close(weights[name][k], w, rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+def test_gradient_accumulation_equals_a_larger_batch(cache, tmp_path, one_process_16):
+    """Global batch 16 as one process x 8 x 2 accumulation steps: the same images per step (the
+    loader's slicing), so the same losses and weights as one process x 16."""
+    r = _train(cache, tmp_path / "accum", *GB16)
+    assert r.returncode == 0 and "2 accumulation step(s)" in r.stdout, r.stderr[-3000:]
+    _same_run(tmp_path / "accum", one_process_16)
     # control: global batch 8 (the first half of each step's images) trains to other weights
-    assert _train(cache, tmp_path / "one_8", *common, "train.global_batch=8").returncode == 0
+    assert _train(cache, tmp_path / "one_8", *GB16, "train.global_batch=8").returncode == 0
     other = torch.load(tmp_path / "one_8" / "ckpt.pt", weights_only=True)["model"]
-    assert max(float((other[k] - w).abs().max()) for k, w in weights["one_16"].items()) > 1e-3
+    ref = torch.load(one_process_16 / "ckpt.pt", weights_only=True)["model"]
+    assert max(float((other[k] - w).abs().max()) for k, w in ref.items()) > 1e-3
 
 
 def test_global_batch_must_be_a_multiple(cache, tmp_path):
@@ -182,3 +236,101 @@ def test_profile_steps_write_a_trace_and_an_op_table(cache, tmp_path):
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any(n.startswith("aten::") for n in names) and "ProfilerStep#4" in names  # steps 3 and 4 active
     assert "aten::" in (tmp_path / "p" / "profile" / "ops.txt").read_text()
+
+
+def _reference_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs):
+    """unilm beit/utils.py cosine_scheduler, transcribed (start_warmup_value 0, no warmup_steps)."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(0, base, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cos = np.array([final + 0.5 * (base - final) * (1 + np.cos(np.pi * i / len(iters))) for i in iters])
+    return np.concatenate((warmup, cos))
+
+
+@pytest.mark.parametrize("epochs,niter,warm", [(800, 625, 10), (3, 7, 1), (2, 14, 0), (5, 1, 1)])
+def test_lr_schedule_is_the_reference_cosine_scheduler(epochs, niter, warm):
+    from beitfast.train import lr_at
+
+    want = _reference_cosine_scheduler(1.5e-3, 1e-5, epochs, niter, warm)
+    total = epochs * niter
+    steps = np.unique(np.r_[np.arange(min(total, 50)), np.linspace(0, total - 1, 200).astype(int)])
+    got = np.array([lr_at(int(s), total, warm * niter, 1.5e-3, 1e-5) for s in steps])
+    np.testing.assert_allclose(got, want[steps], rtol=1e-12, atol=1e-15)
+
+
+def test_param_groups_follow_the_reference_no_decay_rule():
+    """unilm's get_parameter_groups: no decay when 1-D, a '.bias' or in model.no_weight_decay()
+    ({'pos_embed', 'cls_token'}); everything else (mask token, rel-pos table, weights) decays."""
+    from beitfast.model import Beit, BeitArgs
+    from beitfast.train import param_groups
+
+    m = Beit(BeitArgs(size="tiny", img_size=32, depth=2, abs_pos_emb=True))
+    decay, no_decay = param_groups(m, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in m.named_parameters()}
+    got_no = {names[id(p)] for p in no_decay["params"]}
+    want_no = {n for n, p in m.named_parameters()
+               if len(p.shape) == 1 or n.endswith(".bias") or n in {"pos_embed", "cls_token"}}
+    assert got_no == want_no and {names[id(p)] for p in decay["params"]} == set(names.values()) - want_no
+    assert {"cls_token", "pos_embed", "blocks.0.gamma_1", "blocks.1.attn.q_bias", "norm.weight"} <= got_no
+    assert {"mask_token", "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.qkv.weight"}.isdisjoint(got_no)
+
+
+def test_impossible_choices_are_refused_at_start_up(cache, tmp_path):
+    """Not at the first forward with a traceback: one line naming the key, exit code 2."""
+    for key, value in (("model.kernels", "apex"), ("optim.fused", "apex"), ("model.attention", "flex")):
+        r = _train(cache, tmp_path / key, f"{key}={value}")
+        assert r.returncode == 2, (key, r.stderr[-2000:])
+        assert f"{key}={value}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / key / "metrics.jsonl").exists()
+
+
+def test_tokens_of_another_tokenizer_are_refused(cache, tmp_path):
+    """The cache records which tokenizer made its tokens; a config naming other weights (or
+    another precision) is refused, naming the checksum."""
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    torch.save(DVAE(DVAEArch(vocab_size=VOCAB, n_hid=16, n_init=16, n_blk_per_group=1, downsample=4)).export(32), other)
+    r = _train(cache, tmp_path / "x", f"tokenizer.path={other}")
+    assert r.returncode == 2 and "tokenizer.weights_sha256: cache has" in r.stderr and str(other) in r.stderr
+    r = _train(cache, tmp_path / "y", "tokenizer.precision=bf16")
+    assert r.returncode == 2 and "tokenizer.precision: cache has 'fp32', config wants 'bf16'" in r.stderr
+    r = _train(cache, tmp_path / "z", f"tokenizer.path={tmp_path / 'absent.pt'}", "train.max_steps=1")
+    assert r.returncode == 0 and "is not checked against the config" in r.stdout, r.stderr[-2000:]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path):
+    """A run that diverges stops at the next report, names the steps, exits 1, and leaves the
+    last good checkpoint as it was (no NaN weights are ever saved)."""
+    out = tmp_path / "nan"
+    assert _train(cache, out, "train.stop_at=4").returncode == 0
+    before = (out / "ckpt.pt").read_bytes()
+    r = _train(cache, out, "optim.lr=1e30", "optim.clip_grad=null", "log.every=3")
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "non-finite loss or gradient norm in steps 5..6" in last and "(step 4) is the last good checkpoint" in last
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert [row["step"] for row in _rows(out)] == [2, 4]
+
+
+def test_an_error_in_the_loop_ends_the_run_cleanly(cache, tmp_path, capsys):
+    """A failure inside the loop (here: the cache's image bytes are damaged, so DALI cannot
+    decode, in the prefetch thread) ends the run with exit code 1 and the message last, after
+    the prefetch thread and the DALI pipeline are shut down (a thread left running into
+    interpreter exit aborted the process with 'terminate called', exit code 134)."""
+    import shutil
+    import threading
+
+    from beitfast.train import main
+
+    path, over = cache
+    broken = tmp_path / "cache"
+    shutil.copytree(path, broken)
+    img = broken / "images-00000.bin"
+    img.write_bytes(b"\0" * img.stat().st_size)
+    args = _args((broken, over), tmp_path / "run", "train.max_steps=3")
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train: failed at step 1: CacheError: ") and "cannot be decoded: image " in err[-1], err[-3:]
+    assert "images-00000.bin bytes " in err[-1] and "verify_cache.py" in err[-1]
+    assert not [t for t in threading.enumerate() if t.name == "beitfast-prefetch"]

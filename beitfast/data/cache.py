@@ -160,9 +160,32 @@ class TokenCache:
 
     def check(self, want: dict) -> None:
         """Raise CacheError naming every setting that differs from `want`."""
-        d = diff_settings(self.settings, want)
-        if d:
-            raise CacheError(f"{self.path} was built with other settings:\n  " + "\n  ".join(d) +
+        self._refuse(diff_settings(self.settings, want))
+
+    def check_config(self, cfg, tokenizer: dict | None = None) -> None:
+        """Every way this cache can disagree with a training config, checked in one place: the
+        settings it was built with (views, seed, augmentation, tokenizer input size, max side,
+        renderer), the tokenizer that made its tokens (kind, weights checksum, sizes, precision;
+        only when `tokenizer`, the configured tokenizer's identity, is given), its vocabulary
+        against model.vocab_size and its token grid against the model's patch grid. Raises one
+        CacheError naming each difference."""
+        tok = self.settings["tokenizer"]
+        problems = diff_settings(self.settings, expected_settings(cfg, tokenizer if tokenizer is not None else tok))
+        if tokenizer is not None and tokenizer != tok:
+            problems.append(f"(the configured tokenizer is tokenizer.kind={cfg.tokenizer.kind} "
+                            f"tokenizer.path={cfg.tokenizer.path} tokenizer.precision={cfg.tokenizer.precision})")
+        if tok["vocab_size"] != cfg.model.vocab_size:
+            problems.append(f"tokenizer vocabulary: cache has {tok['vocab_size']}, model.vocab_size is "
+                            f"{cfg.model.vocab_size}")
+        grid = cfg.model.img_size // cfg.model.patch_size
+        if list(tok["grid"]) != [grid, grid]:
+            problems.append(f"token grid: cache has {tok['grid']}, the model has {grid}x{grid} patches "
+                            f"(model.img_size / model.patch_size)")
+        self._refuse(problems)
+
+    def _refuse(self, problems: list[str]) -> None:
+        if problems:
+            raise CacheError(f"{self.path} was built with other settings:\n  " + "\n  ".join(problems) +
                              "\nrebuild it (data_prep/tokenize_imagenet.py) or change the config to match")
 
     def item(self, j: int):
@@ -171,6 +194,12 @@ class TokenCache:
         m = sh["meta"][r]
         data = sh["images"][int(m["offset"]): int(m["offset"]) + int(m["length"])]
         return data, int(m["label"]), sh["views"][r], sh["tokens"][r]
+
+    def locate(self, j: int) -> str:
+        """Where image j's bytes are on disk, for error messages."""
+        s, r = self.index[j]
+        m = self._shards[s]["meta"][r]
+        return f"{shard_files(int(s))['images']} bytes {int(m['offset'])}..{int(m['offset']) + int(m['length'])}"
 
     def verify_checksums(self) -> list[str]:
         """Files whose sha256 differs from the manifest's (empty when all is well)."""

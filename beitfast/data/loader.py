@@ -21,9 +21,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from beitfast.data.cache import TokenCache
+from beitfast.data.cache import CacheError, TokenCache
 from beitfast.data.views import VIEW_DTYPE, ViewRenderer, pick_view
 from beitfast.masking import MaskGenerator, MaskSpec
+
+
+def one_line(err: Exception, limit: int = 400) -> str:
+    """An exception's message on one line (DALI's span many, with a pipeline traceback)."""
+    text = " ".join(x.strip() for x in str(err).splitlines() if x.strip())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class CachedViewLoader:
@@ -32,11 +38,8 @@ class CachedViewLoader:
         self.device = torch.device(device)
         self.batch = cfg.data.batch_size
         self.seed = cfg.train.seed
+        cache.check_config(cfg)  # settings, vocabulary, grid (the trainer also checks the tokenizer)
         grid = cfg.model.img_size // cfg.model.patch_size
-        cache_grid = cache.settings["tokenizer"]["grid"]
-        if list(cache_grid) != [grid, grid]:
-            raise ValueError(f"{cache.path}: tokens are on a {cache_grid} grid but the model has {grid}x{grid} "
-                             f"patches (model.img_size / model.patch_size)")
         self.grid = grid
         self.masks = MaskGenerator(MaskSpec.from_config(cfg.mask, grid), seed=cfg.mask.seed)
         self.renderer = ViewRenderer(cfg.model.img_size, "cubic", self.batch,
@@ -47,7 +50,7 @@ class CachedViewLoader:
         self._perm_epoch, self._perm = None, None  # the last epoch's image order (see _permutation)
         self.steps_per_epoch = len(cache) // (self.batch * world * accum)  # optimizer steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
+            raise CacheError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
                              f"({self.batch} x {world} ranks x {accum} accumulation steps)")
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -62,6 +65,35 @@ class CachedViewLoader:
         start = ((step * self.accum + micro) * self.world + self.rank) * self.batch
         return self._permutation(epoch)[start:start + self.batch]
 
+    def _render_error(self, idx, jpegs, err: Exception) -> str:
+        from beitfast.data.images import BadImage, decode_rgb
+
+        bad = []
+        for j, data in zip(idx, jpegs):
+            try:
+                decode_rgb(bytes(data))
+            except BadImage:
+                bad.append(int(j))
+        dali = one_line(err)
+        if bad:
+            where = "; ".join(f"image {j} ({self.cache.locate(j)})" for j in bad[:5])
+            return (f"{self.cache.path}: {len(bad)} cached image(s) of this batch cannot be decoded: {where}. The cache "
+                    f"is damaged: check it with data_prep/verify_cache.py and rebuild it (DALI: {dali})")
+        return f"{self.cache.path}: rendering the views of images {idx[:8].tolist()}... failed: {dali}"
+
+    def stream(self, start_step: int = 0):
+        """Micro-batches from global optimizer step `start_step` on, across epochs, without end:
+        `accum` per step (the training loop takes what it needs)."""
+        epoch = start_step // self.steps_per_epoch
+        yield from self.epoch(epoch, start_step % self.steps_per_epoch)
+        while True:
+            epoch += 1
+            yield from self.epoch(epoch)
+
+    def close(self) -> None:
+        """Release the DALI pipeline (its threads) now rather than at interpreter exit."""
+        self.renderer = None
+
     def epoch(self, epoch: int, start_step: int = 0):
         """Micro-batches of `epoch` from optimizer step `start_step` on, `accum` per step, in
         order (the contract in the module docstring)."""
@@ -73,7 +105,11 @@ class CachedViewLoader:
             jpegs = [np.asarray(it[0]) for it in items]
             views = np.array([it[2][v] for it, v in zip(items, which)], VIEW_DTYPE)
             tokens = np.stack([it[3][v] for it, v in zip(items, which)]).astype(np.int64)
-            images = (self.renderer.render(jpegs, views).to(self.device) - self.mean) / self.std
+            try:
+                images = self.renderer.render(jpegs, views)
+            except RuntimeError as e:  # DALI names neither the image nor the file: find them
+                raise CacheError(self._render_error(idx, jpegs, e)) from e
+            images = (images.to(self.device) - self.mean) / self.std
             yield {"images": images,
                    "tokens": torch.from_numpy(tokens).view(-1, self.grid, self.grid).to(self.device),
                    "mask": torch.from_numpy(self.masks(idx, epoch)).to(self.device),

@@ -12,11 +12,11 @@ def build_tokenizer(tok_cfg, input_size: int, device="cpu") -> Tokenizer:
     if tok_cfg.kind == "dalle":
         from beitfast.tokenizers.dalle import DalleTokenizer
 
-        return DalleTokenizer.from_file(tok_cfg.path, input_size, tok_cfg.batch_size, device)
+        return DalleTokenizer.from_file(tok_cfg.path, input_size, tok_cfg.batch_size, device, tok_cfg.precision)
     if tok_cfg.kind == "dvae":
         from beitfast.tokenizers.dvae import DVAETokenizer
 
-        tok = DVAETokenizer.from_file(tok_cfg.path, tok_cfg.batch_size, device)
+        tok = DVAETokenizer.from_file(tok_cfg.path, tok_cfg.batch_size, device, tok_cfg.precision)
         if tok.input_size != input_size:
             raise ValueError(f"{tok_cfg.path}: dVAE was trained at {tok.input_size} px but the config asks "
                              f"for data.tokenizer_img_size={input_size}")

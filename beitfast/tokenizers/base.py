@@ -19,14 +19,24 @@ def weights_checksum(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class Tokenizer:
     """Wraps an encoder network that maps preprocessed (B, 3, S, S) floats to (B, K, h, w)
-    logits. Subclasses set `kind` and implement `preprocess`."""
+    logits. Subclasses set `kind` and implement `preprocess`.
+
+    `precision`: "fp32" (the reference runs DALL-E in fp32) or "bf16" (autocast; faster on a
+    GPU, but the argmax over thousands of logits flips on near ties: README, measured). It is
+    part of the identity a token cache records, since the tokens depend on it."""
 
     kind = "abstract"
 
     def __init__(self, net: nn.Module, vocab_size: int, input_size: int, grid: int, batch_size: int = 256,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"tokenizer precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.net = net.eval().requires_grad_(False)
         self.vocab_size, self.input_size, self.grid = vocab_size, input_size, (grid, grid)
         self.batch_size = batch_size
@@ -38,20 +48,20 @@ class Tokenizer:
 
     @property
     def identity(self) -> dict:
-        """What the token cache records: kind, vocabulary, sizes and the weight checksum."""
+        """What the token cache records: kind, vocabulary, sizes, the weight checksum and the precision."""
         if self._checksum is None:
             self._checksum = weights_checksum(self.net)
         return {"kind": self.kind, "vocab_size": self.vocab_size, "input_size": self.input_size,
-                "grid": list(self.grid), "weights_sha256": self._checksum}
+                "grid": list(self.grid), "weights_sha256": self._checksum, "precision": self.precision}
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] float (B, 3, S, S) -> the network's input."""
         raise NotImplementedError
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()  # fp32 on CPU
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -164,18 +164,21 @@ class DalleTokenizer(Tokenizer):
 
     kind = "dalle"
 
-    def __init__(self, net: DalleEncoder, input_size: int = 112, batch_size: int = 256, device="cpu"):
-        super().__init__(net, net.arch["vocab_size"], input_size, input_size // net.downsample, batch_size, device)
+    def __init__(self, net: DalleEncoder, input_size: int = 112, batch_size: int = 256, device="cpu",
+                 precision: str = "fp32"):
+        super().__init__(net, net.arch["vocab_size"], input_size, input_size // net.downsample, batch_size, device,
+                         precision)
 
     @classmethod
-    def from_file(cls, path, input_size: int = 112, batch_size: int = 256, device="cpu") -> "DalleTokenizer":
+    def from_file(cls, path, input_size: int = 112, batch_size: int = 256, device="cpu",
+                  precision: str = "fp32") -> "DalleTokenizer":
         arch, sd = load_dalle_weights(path)
         net = DalleEncoder(**arch)
         missing, unexpected = net.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not fit the DALL-E encoder: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        return cls(net, input_size, batch_size, device)
+        return cls(net, input_size, batch_size, device, precision)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return map_pixels(x)

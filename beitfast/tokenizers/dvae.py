@@ -142,15 +142,15 @@ class DVAETokenizer(Tokenizer):
 
     kind = "dvae"
 
-    def __init__(self, model: DVAE, input_size: int, batch_size: int = 256, device="cpu"):
+    def __init__(self, model: DVAE, input_size: int, batch_size: int = 256, device="cpu", precision: str = "fp32"):
         self.likelihood = model.arch.likelihood
         super().__init__(model.encoder, model.arch.vocab_size, input_size, input_size // model.arch.downsample,
-                         batch_size, device)
+                         batch_size, device, precision)
 
     @classmethod
-    def from_file(cls, path, batch_size: int = 256, device="cpu") -> "DVAETokenizer":
+    def from_file(cls, path, batch_size: int = 256, device="cpu", precision: str = "fp32") -> "DVAETokenizer":
         model, input_size = load_export(path)
-        return cls(model, input_size, batch_size, device)
+        return cls(model, input_size, batch_size, device, precision)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return map_pixels(x) if self.likelihood == "logit_laplace" else x
