@@ -112,15 +112,24 @@ def stage_cache(out: Path, data_root: Path, tok_path: Path) -> dict:
     cache = out / "cache"
     over = [f"tokenizer.path={tok_path}"]
     print(f"[demo] pre-tokenizing {data_root} -> {cache}")
-    if tokenize(["--data", str(data_root), "--out", str(cache), "--cfg", "tiny.yaml", "--shard-size", "256",
-                 "--max-reject", "0.01", *over]) != 0:
+    args = ["--data", str(data_root), "--out", str(cache), "--cfg", "tiny.yaml", "--shard-size", "256",
+            "--max-reject", "0.01", *over]
+    code, rebuilt = tokenize(args), False
+    if code == 2 and (cache / "plan.json").exists():  # the demo's own cache, made by an older version
+        import shutil
+
+        print(f"[demo] {cache} was built with other settings (an older version of the demo): rebuilding it")
+        shutil.rmtree(cache)
+        code = tokenize(args)
+        rebuilt = True
+    if code != 0:
         raise SystemExit("[demo] tokenization failed")
     if verify(["--cache", str(cache), "--cfg", "tiny.yaml", "--sample", "256", *over]) != 0:
         raise SystemExit("[demo] cache verification failed")
     draw_cached_views(cache, tok_path, out / "cache_views.png")
     m = json.loads((cache / "manifest.json").read_text())
     print(f"[demo] cached views drawn -> {out / 'cache_views.png'}")
-    return {"cache": str(cache), **m["counts"]}
+    return {"cache": str(cache), "rebuilt": rebuilt, **m["counts"]}
 
 
 def draw_cached_views(cache_dir: Path, tok_path: Path, png: Path, n_images: int = 4) -> None:
@@ -170,7 +179,7 @@ def draw_cached_views(cache_dir: Path, tok_path: Path, png: Path, n_images: int 
     plt.close(fig)
 
 
-def stage_pretrain(out: Path, cache: Path, tok_path: Path) -> dict:
+def stage_pretrain(out: Path, cache: Path, tok_path: Path, fresh: bool = False) -> dict:
     """Pretrain the tiny BEiT (configs/tiny.yaml) on the cache; plot its loss and MIM accuracy."""
     import matplotlib
 
@@ -180,8 +189,21 @@ def stage_pretrain(out: Path, cache: Path, tok_path: Path) -> dict:
     from beitfast.train import main as train
 
     run = out / "pretrain"
+    if fresh and run.exists():
+        import shutil
+
+        print(f"[demo] the cache was rebuilt: pretraining again from scratch ({run} removed)")
+        shutil.rmtree(run)
     print(f"[demo] pretraining tiny BEiT on {cache} (configs/tiny.yaml; a few minutes on 2 cores)")
-    if train(["--cfg", "tiny.yaml", f"data.cache={cache}", f"tokenizer.path={tok_path}", f"log.out_dir={run}"]) != 0:
+    args = ["--cfg", "tiny.yaml", f"data.cache={cache}", f"tokenizer.path={tok_path}", f"log.out_dir={run}"]
+    code = train(args)
+    if code == 2 and (run / "ckpt.pt").exists():  # the demo's own run, from an older version
+        import shutil
+
+        print(f"[demo] {run} holds a run of an older version: pretraining again from scratch")
+        shutil.rmtree(run)
+        code = train(args)
+    if code != 0:
         raise SystemExit("[demo] pretraining failed")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3))
@@ -194,10 +216,16 @@ def stage_pretrain(out: Path, cache: Path, tok_path: Path) -> dict:
     fig.tight_layout()
     fig.savefig(out / "pretrain_curves.png", dpi=80)
     plt.close(fig)
-    print(f"[demo] pretraining: loss {rows[0]['loss']} -> {rows[-1]['loss']}, MIM accuracy {rows[-1]['mim_acc']} "
-          f"after {rows[-1]['step']} steps -> {run} (ckpt.pt), {out / 'pretrain_curves.png'}")
-    return {"run": str(run), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
-            "mim_acc": rows[-1]["mim_acc"], "steps": rows[-1]["step"]}
+    # the last reports, weighted by the steps each covers: the final one may cover a single
+    # step (the run's length is not a multiple of log.every), too few to read an accuracy off
+    last = rows[-4:]
+    acc = sum(r["mim_acc"] * r["steps"] for r in last) / sum(r["steps"] for r in last)
+    loss = sum(r["loss"] * r["steps"] for r in last) / sum(r["steps"] for r in last)
+    span = f"steps {last[0]['step'] - last[0]['steps'] + 1}-{last[-1]['step']}"
+    print(f"[demo] pretraining: loss {rows[0]['loss']} (first report) -> {loss:.4f}, MIM accuracy {acc:.4f} "
+          f"(means over {span}) after {rows[-1]['step']} steps -> {run} (ckpt.pt), {out / 'pretrain_curves.png'}")
+    return {"run": str(run), "first_loss": rows[0]["loss"], "last_loss": round(loss, 5), "mim_acc": round(acc, 5),
+            "mim_acc_steps": span, "steps": rows[-1]["step"]}
 
 
 def main(argv=None) -> int:
@@ -213,7 +241,8 @@ def main(argv=None) -> int:
     summary = {"dataset": str(data_root), "config": str(out / "config.yaml"), "masks": stage_masks(out, cfg)}
     summary["dvae"] = stage_dvae(out, data_root)
     summary["cache"] = stage_cache(out, data_root, Path(summary["dvae"]["tokenizer"]))
-    summary["pretrain"] = stage_pretrain(out, Path(summary["cache"]["cache"]), Path(summary["dvae"]["tokenizer"]))
+    summary["pretrain"] = stage_pretrain(out, Path(summary["cache"]["cache"]), Path(summary["dvae"]["tokenizer"]),
+                                         fresh=summary["cache"]["rebuilt"])
     summary["outputs"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] done in {time.time() - t0:.0f} s; outputs in {out} "

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_kernels.py [--tiny]
 
-Shapes of BEiT-B at 128 images per GPU: LayerNorm (128*197, 768), residual add (128, 197, 768),
+Shapes of BEiT-B at 128 images per GPU: LayerNorm (128*197, 768) of the fp32 stream written in
+bf16, residual add (128, 197, 768) of the fp32 stream and a bf16 branch (the model's dtypes),
 masked head (128*75 masked rows, 768 -> 8192). Triton kernels run compiled on CUDA only (the
 interpreter is a correctness tool); on CPU the script reports the torch twins and, for the
 head, the chunked path (no full logits kept) against the plain one. Each head also runs with
@@ -50,14 +51,23 @@ def main(argv=None) -> dict:
         return t * 1e3, mem
 
     impls = ["torch"] + (["triton"] if cuda and K.HAVE_TRITON else []) + (["apex"] if cuda and K.HAVE_APEX else [])
-    x = torch.randn(b * n, d, device=dev, dtype=dt, requires_grad=True)
-    w = torch.ones(d, device=dev, dtype=dt, requires_grad=True)
-    bb = torch.zeros(d, device=dev, dtype=dt, requires_grad=True)
+    # as the model calls them (kernels/__init__: residual-dtype policy): the stream x is fp32 and
+    # the parameters too; LayerNorm writes the autocast dtype, the branch y is in it
+    f32 = torch.float32
+    amp = torch.autocast(dev, dtype=dt, enabled=dt != f32)
+    x = torch.randn(b * n, d, device=dev, dtype=f32, requires_grad=True)
+    w = torch.ones(d, device=dev, dtype=f32, requires_grad=True)
+    bb = torch.zeros(d, device=dev, dtype=f32, requires_grad=True)
+
+    def ln(impl):
+        with amp:
+            return K.layer_norm(x, w, bb, 1e-6, impl)
+
     for impl in impls:
-        res[f"layernorm_{impl}_ms"] = round(bench(lambda: K.layer_norm(x, w, bb, 1e-6, impl), x, w, bb)[0], 3)
-    x3 = torch.randn(b, n, d, device=dev, dtype=dt, requires_grad=True)
+        res[f"layernorm_{impl}_ms"] = round(bench(lambda: ln(impl), x, w, bb)[0], 3)
+    x3 = torch.randn(b, n, d, device=dev, dtype=f32, requires_grad=True)
     y3 = torch.randn(b, n, d, device=dev, dtype=dt, requires_grad=True)
-    g = torch.full((d,), 0.1, device=dev, dtype=dt, requires_grad=True)
+    g = torch.full((d,), 0.1, device=dev, dtype=f32, requires_grad=True)
     sc = torch.ones(b, device=dev)
     for impl in [i for i in impls if i != "apex"]:
         res[f"residual_{impl}_ms"] = round(bench(lambda: K.residual_add(x3, y3, g, sc, impl), x3, y3, g)[0], 3)

@@ -1,6 +1,7 @@
 """GPU correctness: the Triton kernels compiled for real (fp32 and bf16) against their twins,
 the sync-free masked head under CUDA's sync debug mode, a bf16 model step with the fused
-kernels against the unfused one, and DALI's GPU ('mixed') decoder against its CPU decoder.
+kernels against the unfused one (per tensor, at BEiT-B's and BEiT-L's layer scale), the
+compiled step against eager, and DALI's GPU ('mixed') decoder against its CPU decoder.
 
 Skipped without CUDA. BEITFAST_GPU_TEST_DEVICE=cpu runs the device-independent parts on CPU
 (Triton through its interpreter) to check the tests themselves; only a GPU run proves the GPU.
@@ -145,6 +146,33 @@ def test_model_bf16_fused_matches_unfused(layer_scale):
     for n, ref in out["torch"][1].items():
         if ref.norm() > 0:
             _close(out["triton"][1][n], ref, torch.bfloat16, n)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="inductor through Triton's interpreter is covered by test_model.py")
+def test_compiled_fused_step_matches_eager():
+    """train.compile=true on a GPU: the whole bf16 MIM step with our Triton custom ops inside,
+    compiled by inductor as one graph (fullgraph), gives eager's loss and gradients."""
+    torch.manual_seed(int(np.random.randint(1 << 30)))
+    m = Beit(BeitArgs(size="base", depth=2, img_size=224, vocab_size=8192, kernels="triton", drop_path=0)).to(DEV)
+    g = _seeded()
+    x = torch.randn(8, 3, 224, 224, device=DEV, generator=g)
+    mask = torch.rand(8, 14, 14, device=DEV, generator=g) < 0.38
+    tgt = torch.randint(0, 8192, (8, 14, 14), device=DEV, generator=g)
+    res = {}
+    try:
+        for name, fn in (("eager", m), ("compiled", torch.compile(m, fullgraph=True))):
+            m.zero_grad()
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                o = fn(x, mask, tgt, max_masked=196)
+            o["loss"].backward()
+            res[name] = (o["loss"].detach().float(), {n: p.grad.float() for n, p in m.named_parameters()
+                                                      if p.grad is not None})
+    finally:
+        torch._dynamo.reset()
+    _close(res["compiled"][0], res["eager"][0], torch.bfloat16, "loss")
+    for n, ref in res["eager"][1].items():
+        if ref.norm() > 0:
+            _close(res["compiled"][1][n], ref, torch.bfloat16, n)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the 'mixed' decoder needs a GPU")
