@@ -161,7 +161,7 @@ def draw_cached_views(cache_dir: Path, tok_path: Path, png: Path, n_images: int 
             row[0].add_patch(matplotlib.patches.Rectangle((v["x"], v["y"]), v["w"], v["h"], fill=False, lw=1.2,
                                                           ec="yellow"))
         row[0].set_title(f"class {label}, {k} views", fontsize=8)
-        rendered = renderer.render([np.asarray(data)] * k, np.asarray(views)) / 255
+        rendered = renderer.render([np.asarray(data)] * k, np.asarray(views)).float() / 255
         grid = c.settings["tokenizer"]["grid"]
         codes = torch.from_numpy(np.asarray(toks, np.int64)).reshape(k, *grid)
         with torch.no_grad():

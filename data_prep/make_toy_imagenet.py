@@ -53,9 +53,9 @@ def class_params(c: int, seed: int) -> dict:
     }
 
 
-def render(p: dict, r: np.random.Generator) -> np.ndarray:
+def render(p: dict, r: np.random.Generator, sides: tuple[int, int] = (96, 320)) -> np.ndarray:
     """One RGB uint8 image (H, W, 3) of a class with parameters `p`."""
-    side = r.uniform(96, 320)
+    side = r.uniform(*sides)
     ar = np.exp(r.uniform(np.log(0.6), np.log(1.7)))
     h, w = int(side / np.sqrt(ar)), int(side * np.sqrt(ar))
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -132,12 +132,16 @@ def oddities(n_train: int, corrupt: bool) -> dict[int, str]:
 
 
 def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class: int = 20,
-         seed: int = 0, corrupt: bool = False, progress: bool = True) -> dict:
-    """Write the dataset to `out` (atomically) and return its manifest."""
+         seed: int = 0, corrupt: bool = False, progress: bool = True, sides: tuple[int, int] = (96, 320)) -> dict:
+    """Write the dataset to `out` (atomically) and return its manifest. `sides`: the range of
+    an image's geometric-mean side in pixels ((380, 480) gives ImageNet-sized images, about
+    500 x 375)."""
     if classes < 1 or per_class < 1 or val_per_class < 0:
         raise ValueError(f"need classes >= 1, per_class >= 1, val_per_class >= 0; got {classes}, {per_class}, {val_per_class}")
     args = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class,
             "seed": seed, "corrupt": corrupt}
+    if tuple(sides) != (96, 320):  # recorded only when not the default, so older datasets stay valid
+        args["sides"] = list(sides)
     out = Path(out)
     manifest_path = out / "toy_manifest.json"
     if manifest_path.exists():
@@ -163,7 +167,7 @@ def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 r = np.random.default_rng([seed, sid, c, i])
-                img = render(p, r)
+                img = render(p, r, sides)
                 kind = odd.get(c * per_class + i, "jpeg") if split == "train" else "jpeg"
                 name = f"{wnid(c)}_{i}.JPEG"
                 if kind == "truncated":
@@ -197,10 +201,12 @@ def main(argv=None) -> int:
     ap.add_argument("--val-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corrupt", action="store_true", help="also write truncated, empty and garbage files")
+    ap.add_argument("--imagenet-size", action="store_true", help="ImageNet-sized images (about 500 x 375)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
-        m = make(a.out, a.classes, a.per_class, a.val_per_class, a.seed, a.corrupt, not a.no_progress)
+        m = make(a.out, a.classes, a.per_class, a.val_per_class, a.seed, a.corrupt, not a.no_progress,
+                 (380, 480) if a.imagenet_size else (96, 320))
     except (ValueError, FileExistsError) as e:
         print(f"make_toy_imagenet: error: {e}", file=sys.stderr)
         return 2

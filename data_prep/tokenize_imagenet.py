@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
@@ -31,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import (MAGIC, META_DTYPE, VERSION, CacheError, atomic_write_json,  # noqa: E402
                                  diff_settings, expected_settings, read_done, write_shard)
 from beitfast.data.images import BadImage, list_imagefolder, prepare_for_cache  # noqa: E402
-from beitfast.data.views import VIEW_DTYPE, AugSpec, ViewRenderer, sample_views  # noqa: E402
+from beitfast.data.loader import thread_plan  # noqa: E402
+from beitfast.data.views import VIEW_DTYPE, AugSpec, ViewRenderer, contrast_pivots, sample_views  # noqa: E402
 from beitfast.tokenizers import build_tokenizer  # noqa: E402
 
 
@@ -77,8 +80,17 @@ def tokenize_shard(s: int, a, paths, labels, settings, renderer, tokenizer, pool
     hw = tokenizer.grid[0] * tokenizer.grid[1]
     tokens = np.zeros((n, k, hw), np.uint16)
     blobs, rejected, todo = [], [], []
-    for r, (blob, h, w, action) in enumerate(pool.map(lambda i: prepare(a.data, paths[i], settings["max_side"]),
-                                                       range(lo, hi))):
+    def prepare_with_views(i):
+        """(bytes, h, w, action, views) of source image i; views with their contrast pivots,
+        computed on the whole image as the reference's jitter sees it."""
+        blob, h, w, action = prepare(a.data, paths[i], settings["max_side"])
+        if blob is None:
+            return blob, h, w, action, None
+        vv = sample_views(settings["seed"], i, h, w, k, aug)
+        vv["pivot"] = contrast_pivots(Image.open(io.BytesIO(blob)).convert("RGB"), vv)
+        return blob, h, w, action, vv
+
+    for r, (blob, h, w, action, vv) in enumerate(pool.map(prepare_with_views, range(lo, hi))):
         i = lo + r
         meta[r]["label"] = labels[i]
         if blob is None:
@@ -87,13 +99,13 @@ def tokenize_shard(s: int, a, paths, labels, settings, renderer, tokenizer, pool
             continue
         blobs.append(blob)
         meta[r]["height"], meta[r]["width"], meta[r]["ok"] = h, w, 1
-        views[r] = sample_views(settings["seed"], i, h, w, k, aug)
+        views[r] = vv
         todo += [(r, v) for v in range(k)]
     for c in range(0, len(todo), renderer.batch_size):
         chunk = todo[c:c + renderer.batch_size]
         jpegs = [np.frombuffer(blobs[r], np.uint8) for r, _ in chunk]
         vv = np.array([views[r, v] for r, v in chunk], VIEW_DTYPE)
-        ids = tokenizer.encode(renderer.render(jpegs, vv) / 255)  # (b, h, w)
+        ids = tokenizer.encode(renderer.render(jpegs, vv))  # uint8 views in, (b, h, w) tokens out
         ids = ids.reshape(len(chunk), hw).to("cpu", torch.int64).numpy().astype(np.uint16)
         for (r, v), t in zip(chunk, ids):
             tokens[r, v] = t
@@ -171,10 +183,11 @@ def main(argv=None) -> int:
                desc=f"tokenize[{rank}]" if world > 1 else "tokenize", unit="img", disable=a.no_progress)
     bar.update(bar.total - sum(min(len(paths), (s + 1) * a.shard_size) - s * a.shard_size for s in todo))
     t0, done_imgs = time.time(), 0
+    threads, _ = thread_plan(cfg.data)  # this node's cores divided among its ranks unless set
     if todo:
         renderer = ViewRenderer(cfg.data.tokenizer_img_size, "lanczos", a.render_batch,
-                                "gpu" if cuda else "cpu", cfg.data.num_threads, device.index or 0)
-        with ThreadPoolExecutor(max(1, cfg.data.num_threads)) as pool:
+                                "gpu" if cuda else "cpu", threads, device.index or 0)
+        with ThreadPoolExecutor(threads) as pool:
             for s in todo:
                 d = tokenize_shard(s, a, paths, labels, settings, renderer, tokenizer, pool, bar)
                 done_imgs += d["images"]

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import CacheError, TokenCache, expected_settings  # noqa: E402
+from beitfast.data.loader import thread_plan  # noqa: E402
 from beitfast.data.views import VIEW_DTYPE, ViewRenderer  # noqa: E402
 from beitfast.tokenizers import build_tokenizer  # noqa: E402
 
@@ -64,14 +65,14 @@ def main(argv=None) -> int:
     n = min(a.sample, len(cache) * k)
     picks = rng.choice(len(cache) * k, size=n, replace=False) if n else np.zeros(0, np.int64)
     renderer = ViewRenderer(cfg.data.tokenizer_img_size, "lanczos", min(256, max(1, n)), "gpu" if cuda else "cpu",
-                            cfg.data.num_threads)
+                            thread_plan(cfg.data)[0])
     agree = total = 0
     for c in range(0, n, renderer.batch_size):
         items = [cache.item(int(p) // k) + (int(p) % k,) for p in picks[c:c + renderer.batch_size]]
         jpegs = [np.asarray(it[0]) for it in items]
         views = np.array([it[2][it[4]] for it in items], VIEW_DTYPE)
         stored = torch.from_numpy(np.stack([it[3][it[4]] for it in items]).astype(np.int64))
-        fresh = tokenizer.encode(renderer.render(jpegs, views) / 255).reshape(len(items), -1).cpu()
+        fresh = tokenizer.encode(renderer.render(jpegs, views)).reshape(len(items), -1).cpu()
         agree += int((fresh == stored).sum())
         total += stored.numel()
     agreement = agree / total if total else 1.0

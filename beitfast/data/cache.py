@@ -5,7 +5,7 @@ contiguous run of `shard_size` images of the source list, in its order):
 
     images-0000i.bin    the image bytes, concatenated (upright RGB JPEGs; odd inputs re-encoded)
     meta-0000i.npy      META_DTYPE (n,): offset, length, label, height, width, ok
-    views-0000i.npy     VIEW_DTYPE (n, K): crop box, flip, jitter factors and order per view
+    views-0000i.npy     VIEW_DTYPE (n, K): crop box, flip, jitter factors, order and contrast pivot per view
     tokens-0000i.npy    uint16 (n, K, h*w): the tokenizer's ids for each view
     shard-0000i.json    written last: counts, sha256 of the four files, rejected files
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = "beitfast-token-cache"
-VERSION = 1
+VERSION = 2  # 2: views carry the contrast pivot; ROI-decoded views, jitter rounded as Pillow
 META_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("label", "<i4"), ("height", "<i4"),
                        ("width", "<i4"), ("ok", "u1")])
 
@@ -206,7 +206,7 @@ class TokenCache:
         return [name for name, want in self.manifest["files"].items() if sha256_file(self.path / name) != want]
 
 
-RENDER_VERSION = "dali-resize-lanczos3-antialias+torch-jitter/1"
+RENDER_VERSION = "dali-roi-decode+resize-lanczos3-antialias+jitter-pivot-floor/2"
 
 
 def expected_settings(cfg, tokenizer_identity: dict, views: int | None = None) -> dict:

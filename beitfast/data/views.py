@@ -8,14 +8,26 @@ A view of an upright image of size (H, W) is (REFERENCE.md section 1):
   10 tries, then the centre crop torchvision falls back to;
 - a horizontal flip with p = 0.5;
 - ColorJitter(0.4, 0.4, 0.4, 0): brightness, contrast, saturation factors from U(0.6, 1.4),
-  applied in a random order.
-Its parameters are a pure function of (seed, image index, view k, H, W).
+  applied in a random order;
+- the contrast pivot: the mean grey that the reference's contrast op blends towards. The
+  reference jitters the WHOLE image before cropping, so its pivot is
+  int(mean(L) + 0.5) of the whole image as the earlier ops left it (Pillow's ImageEnhance);
+  `contrast_pivots` computes exactly that when the views are made (the tokenization stage
+  has the whole image) and the cache stores it.
+The parameters are a pure function of (seed, image index, view k, H, W); the pivot of the
+image's pixels too.
 
-Rendering: decode -> crop box -> resize (224 bicubic for the ViT, 112 Lanczos for the
-tokenizer, both antialiased) -> flip, in DALI (CPU or GPU), then the colour jitter on the
-batch in torch (`apply_jitter`, same code on CPU and GPU). Deviation from the reference
-(README): jitter is applied after the crop, so contrast pivots on the crop's mean grey,
-not the full image's, and clamping happens after resampling.
+Rendering (`dali_view`, one DALI graph used by tokenization and training): decode only the
+crop box (ROI decoding on the CPU; the 'mixed' GPU decoder on a GPU) -> the three jitter ops
+in the view's order, each a per-pixel affine map (contrast with the stored pivot), rounded
+down and clamped to uint8 as Pillow does -> resize (224 bicubic for the ViT, 112 Lanczos for
+the tokenizer, antialiased) -> flip (and, for the ViT, normalisation). Brightness,
+saturation and contrast with the stored pivot are per-pixel maps, so jittering the decoded
+crop gives exactly the pixels of the reference's jittered whole image inside the box (same
+clamping, rounding up to float arithmetic); what remains is the resampler (DALI's vs
+Pillow's; measured in the README).
+`apply_jitter` is the torch twin of the DALI jitter; `reference_view` renders a view the way
+the reference does (Pillow and torchvision: jitter the whole image, flip, crop, resize).
 """
 from __future__ import annotations
 
@@ -25,9 +37,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from beitfast.data.resample import jitter_into
+
 # One view's parameters. order[i] is the op applied i-th: 0 brightness, 1 contrast, 2 saturation.
+# pivot: the contrast op's grey level (0..255) on the whole image, as the reference computes it.
 VIEW_DTYPE = np.dtype([("y", "<i4"), ("x", "<i4"), ("h", "<i4"), ("w", "<i4"), ("flip", "u1"),
-                       ("jitter", "<f4", (3,)), ("order", "u1", (3,))])
+                       ("jitter", "<f4", (3,)), ("order", "u1", (3,)), ("pivot", "<f4")])
+# Pillow's RGB -> L weights (ITU-R 601-2 luma, 16-bit fixed point), used by its saturation op
+LUMA = np.array([19595, 38470, 7471], np.float64) / 65536
 _KEY_VIEWS = 0x5EED_F00D
 
 
@@ -71,16 +88,17 @@ def sample_crop(rng: np.random.Generator, h: int, w: int, scale, ratio) -> tuple
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def sample_views(seed: int, index: int, h: int, w: int, k: int, aug: AugSpec) -> np.ndarray:
-    """K views of image `index` (upright size h x w): a (k,) VIEW_DTYPE array, a pure
-    function of its arguments."""
+def sample_views(seed: int, index: int, h: int, w: int, k: int, aug: AugSpec, first: int = 0) -> np.ndarray:
+    """Views first .. first + k - 1 of image `index` (upright size h x w): a (k,) VIEW_DTYPE
+    array, a pure function of its arguments. The cache stores views 0 .. K-1; online targets
+    use view e in epoch e (an unlimited cache, as it were)."""
     out = np.zeros(k, VIEW_DTYPE)
-    for v in range(k):
+    for i, v in enumerate(range(first, first + k)):
         rng = np.random.default_rng([_KEY_VIEWS, seed, index, v])
-        out[v]["y"], out[v]["x"], out[v]["h"], out[v]["w"] = sample_crop(rng, h, w, aug.scale, aug.ratio)
-        out[v]["flip"] = rng.random() < aug.hflip
-        out[v]["jitter"] = rng.uniform(max(0.0, 1 - aug.jitter), 1 + aug.jitter, 3)
-        out[v]["order"] = rng.permutation(3)
+        out[i]["y"], out[i]["x"], out[i]["h"], out[i]["w"] = sample_crop(rng, h, w, aug.scale, aug.ratio)
+        out[i]["flip"] = rng.random() < aug.hflip
+        out[i]["jitter"] = rng.uniform(max(0.0, 1 - aug.jitter), 1 + aug.jitter, 3)
+        out[i]["order"] = rng.permutation(3)
     return out
 
 
@@ -101,104 +119,205 @@ def _pick(idx, seed, epoch, k):
 
 
 # ----------------------------------------------------------------------------- jitter
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """Luma of float RGB (B, 3, H, W) -> (B, 1, H, W) with torchvision's weights."""
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+def _pil_op(img, op: int, factor: float):
+    from PIL import ImageEnhance
+
+    return (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[op](img).enhance(float(factor))
 
 
-def apply_jitter(img: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Colour jitter of a batch: img uint8 (B, 3, H, W); jitter float (B, 3) factors
-    (brightness, contrast, saturation); order int (B, 3), the op applied in each slot.
-    Each op blends as torchvision's adjust_* and clamps to [0, 255]; returns float32
-    (B, 3, H, W) in [0, 255] (not rounded: callers normalise or round)."""
-    x = img.float()
-    jitter = jitter.to(x.device, torch.float32)
-    order = order.to(x.device)
-    for slot in range(3):
-        # Every op runs in every slot, with factor 1 (an exact no-op) unless it is the op
-        # that sample's order puts there: per-sample order without per-sample branching.
-        for op in range(3):
-            f = torch.where(order[:, slot] == op, jitter[:, op], torch.ones_like(jitter[:, op]))[:, None, None, None]
+def contrast_pivots(img, views: np.ndarray) -> np.ndarray:
+    """The reference's contrast pivot of each view: Pillow's ImageEnhance.Contrast grey level,
+    int(mean(L) + 0.5), of the WHOLE upright image (a PIL RGB image) after the ops the view
+    applies before contrast, exactly as the reference computes it. float32 (K,)."""
+    from PIL import ImageStat
+
+    out = np.zeros(len(views), np.float32)
+    for i, v in enumerate(views):
+        x = img
+        for op in v["order"]:
+            if op == 1:
+                break
+            x = _pil_op(x, int(op), v["jitter"][op])
+        out[i] = int(ImageStat.Stat(x.convert("L")).mean[0] + 0.5)
+    return out
+
+
+def jitter_matrices(views: np.ndarray) -> np.ndarray:
+    """float32 (n, 3, 3, 4): for each view and slot, the affine map [M | T] (out = M @ rgb + T,
+    0..255 units) of the op the view applies in that slot: brightness f*x; contrast
+    f*x + (1-f)*pivot; saturation f*x + (1-f)*luma(x). Each op's result is rounded down and
+    clamped to 0..255 before the next, as Pillow's blend does."""
+    n = len(views)
+    out = np.zeros((n, 3, 3, 4), np.float64)
+    eye = np.eye(3)
+    for i, v in enumerate(views):
+        for slot, op in enumerate(v["order"]):
+            f = float(v["jitter"][op])
             if op == 0:
-                x = x * f
+                m, t = f * eye, 0.0
             elif op == 1:
-                x = f * x + (1 - f) * _gray(x).mean(dim=(2, 3), keepdim=True)
+                m, t = f * eye, (1 - f) * float(v["pivot"])
             else:
-                x = f * x + (1 - f) * _gray(x)
-            x = x.clamp_(0, 255)
-    return x
+                m, t = f * eye + (1 - f) * np.outer(np.ones(3), LUMA), 0.0
+            out[i, slot, :, :3], out[i, slot, :, 3] = m, t
+    return out.astype(np.float32)
 
 
-def reference_jitter(img: torch.Tensor, jitter, order) -> torch.Tensor:
-    """Twin of `apply_jitter` for one image through torchvision's functional ops, in order."""
-    import torchvision.transforms.v2.functional as TF
+def apply_jitter(img: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """Torch twin of the DALI jitter: img uint8 (B, 3, H, W), mats (B, 3, 3, 4) from
+    `jitter_matrices`; per slot out = floor(clamp(M @ rgb + T, 0, 255)). Returns uint8."""
+    x = img.double()
+    mats = mats.to(x.device, torch.float64)
+    for slot in range(3):
+        m, t = mats[:, slot, :, :3], mats[:, slot, :, 3]
+        x = (torch.einsum("bij,bjhw->bihw", m, x) + t[:, :, None, None]).clamp(0, 255).floor()
+    return x.to(torch.uint8)
 
-    x = img.float() / 255
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-    for op in order:
-        x = ops[int(op)](x, float(jitter[int(op)]))
-    return x * 255
+
+def reference_views(img, view, outputs) -> list:
+    """A view rendered as the reference code renders it, for the reference backend, the
+    online targets and as the twin the DALI rendering is measured against: torchvision's
+    functional ops on a PIL image, ColorJitter on the whole image (the view's factors, in its
+    order), horizontal flip, then the crop box (mirrored when flipped: the reference crops the
+    flipped image) resized with Pillow, once per (size, interp) in `outputs` ("cubic" or
+    "lanczos"), from the same crop, as the reference's two-picture crop does. PIL images."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    for op in view["order"]:
+        img = _pil_op(img, int(op), view["jitter"][op])
+    x, w = int(view["x"]), int(view["w"])
+    if view["flip"]:
+        img = TF.hflip(img)
+        x = img.width - x - w
+    crop = img.crop((x, int(view["y"]), x + w, int(view["y"]) + int(view["h"])))
+    return [crop.resize((size, size), {"cubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[interp])
+            for size, interp in outputs]
+
+
+def reference_view(img, view, size: int, interp: str):
+    """One output of `reference_views`."""
+    return reference_views(img, view, [(size, interp)])[0]
 
 
 # ----------------------------------------------------------------------------- rendering
-class ViewRenderer:
-    """A DALI pipeline rendering views: encoded image bytes + crop boxes + flips ->
-    uint8 (B, 3, size, size) tensors (jitter not applied; see `render`).
+INTERP = ("lanczos", "cubic")  # the tokenizer view, the ViT view
 
-    `device`: "cpu" (CPU decoder and resize) or "gpu" (nvJPEG 'mixed' decoder, GPU resize).
-    `interp`: "lanczos" (the tokenizer view) or "cubic" (the ViT view); both antialiased."""
+
+def _jitter_setup(outs, ins):
+    for i in range(len(outs[0])):
+        for d in range(3):
+            outs[0][i][d] = ins[0][i][d]
+
+
+def _jitter_run(out, img, m):
+    """DALI's per-sample Numba body: resample.jitter_into (uint8 HWC, m (3, 3, 4))."""
+    jitter_into(out, img, m)
+
+
+def dali_jitter(img, mats, device: str):
+    """The view's jitter slots in order, each out = floor(clamp(M @ rgb + T, 0, 255)), on DALI
+    nodes. CPU: one Numba pass for the three slots (resample.jitter_into: tables for
+    brightness and contrast, one 3x3 map for saturation). GPU: three coord_transform ops;
+    DALI rounds half away from zero, so T - 0.5 turns its rounding into Pillow's rounding
+    down."""
+    from nvidia.dali import types
+
+    if device == "cpu":
+        from nvidia.dali.plugin.numba.fn.experimental import numba_function
+
+        return numba_function(img, mats, run_fn=_jitter_run, setup_fn=_jitter_setup, out_types=[types.UINT8],
+                              in_types=[types.UINT8, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 3],
+                              batch_processing=False)
+    from nvidia.dali import fn
+
+    for s in range(3):
+        img = fn.coord_transform(img, M=mats[s, :, 0:3], T=mats[s, :, 3] - 0.5, dtype=types.UINT8)
+    return img
+
+
+def dali_view(jpegs, start, shape, flip, mats, size: int, interp: str, device: str, normalize=None, dtype=None,
+              hw_decoder_load: float = 0.65):
+    """The view graph (DALI DataNodes in, one DataNode out), shared by every DALI pipeline.
+
+    jpegs: encoded bytes; start, shape: int32 (y, x) and (h, w) of the crop box; flip: int32
+    scalar; mats: float32 (3, 3, 4), the jitter slots of `jitter_matrices`. device: "cpu" or
+    "gpu". Returns CHW: uint8 when normalize is None, else (x / 255 - mean) / std as
+    normalize = (mean, std) in `dtype` (FLOAT or FLOAT16). hw_decoder_load: the share of images
+    the GPU decoder sends to the hardware JPEG engine."""
+    from nvidia.dali import fn, types
+
+    gpu = device == "gpu"
+    # ROI decoding: only the crop box is decoded (libjpeg-turbo on the CPU; nvJPEG with the
+    # hardware engine on a GPU, chroma upsampled as on the CPU so both decoders agree)
+    img = fn.decoders.image_slice(jpegs, start, shape, axis_names="HW", output_type=types.RGB,
+                                  device="mixed" if gpu else "cpu",
+                                  **({"jpeg_fancy_upsampling": True, "hw_decoder_load": hw_decoder_load} if gpu else {}))
+    # the jitter on the decoded crop, before resampling: per-pixel maps on the very pixels the
+    # reference jitters (its whole image restricted to the box), so they clamp where its clamp
+    img = dali_jitter(img, mats, device)
+    img = fn.resize(img, size=[size, size], antialias=True,
+                    interp_type={"lanczos": types.INTERP_LANCZOS3, "cubic": types.INTERP_CUBIC}[interp])
+    if normalize is None:
+        return fn.crop_mirror_normalize(img, mirror=flip, dtype=types.UINT8, output_layout="CHW")
+    mean, std = normalize
+    return fn.crop_mirror_normalize(img, mirror=flip, dtype=dtype, output_layout="CHW",
+                                    mean=[255 * m for m in mean], std=[255 * s for s in std])
+
+
+def view_inputs(views: np.ndarray) -> dict:
+    """Per-sample arrays the view graph reads, for n views: start, shape, flip and the jitter
+    slots (lists of numpy arrays, DALI's per-sample format)."""
+    return {"start": [np.array([v["y"], v["x"]], np.int32) for v in views],
+            "shape": [np.array([v["h"], v["w"]], np.int32) for v in views],
+            "flip": [np.array(v["flip"], np.int32) for v in views],
+            "mats": list(jitter_matrices(views))}
+
+
+class ViewRenderer:
+    """A DALI pipeline that renders views fed one batch at a time (tokenization, cache
+    verification, pictures): encoded image bytes + VIEW_DTYPE views -> uint8 (n, 3, size,
+    size) through `dali_view`. device: "cpu" or "gpu" (the 'mixed' decoder); interp:
+    "lanczos" (the tokenizer view) or "cubic" (the ViT view)."""
 
     def __init__(self, size: int, interp: str, batch_size: int, device: str = "cpu", num_threads: int = 2,
                  device_id: int = 0):
         from nvidia.dali import fn, pipeline_def, types
 
         self.size, self.batch_size, self.device, self.device_id = size, batch_size, device, device_id
-        interp_type = {"lanczos": types.INTERP_LANCZOS3, "cubic": types.INTERP_CUBIC}[interp]
-        gpu = device == "gpu"
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if gpu else None,
+        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
                       prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
         def pipe():
             jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
-            start = fn.external_source(name="start", dtype=types.FLOAT, ndim=1)
-            end = fn.external_source(name="end", dtype=types.FLOAT, ndim=1)
+            start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
+            shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
             flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-            img = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            # ROI in (y, x) order, absolute pixels of the upright decoded image
-            img = fn.resize(img, size=[size, size], roi_start=start, roi_end=end, roi_relative=False,
-                            interp_type=interp_type, antialias=True)
-            img = fn.flip(img, horizontal=flip)
-            return fn.transpose(img, perm=[2, 0, 1])  # HWC -> CHW
+            mats = fn.external_source(name="mats", dtype=types.FLOAT, ndim=3)
+            return dali_view(jpegs, start, shape, flip, mats, size, interp, device)
 
         self.pipe = pipe()
         self.pipe.build()
 
-    def render_uint8(self, jpegs: list[np.ndarray], views: np.ndarray) -> torch.Tensor:
-        """uint8 (n, 3, size, size) for n <= batch_size (encoded bytes, VIEW_DTYPE views)."""
+    def render(self, jpegs: list[np.ndarray], views: np.ndarray) -> torch.Tensor:
+        """uint8 (n, 3, size, size), n <= batch_size (encoded bytes, VIEW_DTYPE views), on the
+        pipeline's device."""
         n = len(jpegs)
         if n == 0 or n > self.batch_size:
             raise ValueError(f"render takes 1..{self.batch_size} views, got {n}")
         pad = self.batch_size - n  # DALI runs full batches: repeat the last view
         jpegs = list(jpegs) + [jpegs[-1]] * pad
         views = np.concatenate([views, np.repeat(views[-1:], pad)])
-        start = np.stack([views["y"], views["x"]], 1).astype(np.float32)
-        end = start + np.stack([views["h"], views["w"]], 1).astype(np.float32)
-        self.pipe.feed_input("jpegs", jpegs)
-        self.pipe.feed_input("start", list(start))
-        self.pipe.feed_input("end", list(end))
-        self.pipe.feed_input("flip", [np.array(f, np.int32) for f in views["flip"]])
+        for name, arrays in {"jpegs": jpegs, **view_inputs(views)}.items():
+            self.pipe.feed_input(name, arrays)
         (out,) = self.pipe.run()
         if self.device == "gpu":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+            import nvidia.dali.plugin.pytorch as dali_torch
 
             t = torch.empty((self.batch_size, 3, self.size, self.size), dtype=torch.uint8,
                             device=torch.device("cuda", self.device_id))
-            feed_ndarray(out.as_tensor(), t)
+            # the copy runs on torch's current stream, so whatever reads `t` next is ordered after it
+            dali_torch.feed_ndarray(out.as_tensor(), t, cuda_stream=torch.cuda.current_stream(t.device))
         else:
             t = torch.from_numpy(np.array(out.as_tensor()))
         return t[:n]
-
-    def render(self, jpegs: list[np.ndarray], views: np.ndarray) -> torch.Tensor:
-        """float32 (n, 3, size, size) in [0, 255]: the rendered views with their jitter."""
-        x = self.render_uint8(jpegs, views)
-        return apply_jitter(x, torch.from_numpy(views["jitter"].copy()), torch.from_numpy(views["order"].astype(np.int64)))
