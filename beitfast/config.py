@@ -51,8 +51,10 @@ class DataConfig:
     backend: Literal["dali", "ffcv", "reference"] = "dali"
     cache: str = ""  # token cache directory written by data_prep/tokenize_imagenet.py
     batch_size: int = 128  # per GPU
-    num_threads: int = 4
-    prefetch: int = 2  # batches made ahead in a background thread (0: synchronous)
+    num_threads: int = 0  # DALI / FFCV / Numba / torch threads per rank (0: the node's cores divided among its ranks)
+    workers: int = -1  # Python worker processes per rank reading the cache (-1: the same share; 0: in-process)
+    prefetch: int = 2  # batches the loader prepares ahead (DALI's queue depth, at least 2)
+    hw_decoder_load: float = 0.65  # share of JPEGs the GPU decoder gives the hardware JPEG engine (A100/H100)
     views: int = 10  # K sampled views per image stored in the token cache
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -442,6 +444,8 @@ def validate(cfg: Config) -> None:
     grid = m.img_size // m.patch_size
     if not 0 < cfg.mask.num_patches <= grid * grid:
         raise ConfigError(f"mask.num_patches ({cfg.mask.num_patches}) must be in 1..{grid * grid} for a {grid}x{grid} grid")
+    if not 0 <= d.hw_decoder_load <= 1:
+        raise ConfigError(f"data.hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}")
     if d.views < 1:
         raise ConfigError(f"data.views must be >= 1, got {d.views}")
     lo, hi = d.crop_scale

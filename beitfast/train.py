@@ -23,6 +23,7 @@ import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
+import numba
 import torch
 import torch.distributed as dist
 
@@ -30,8 +31,7 @@ import kernels
 from beitfast import distributed
 from beitfast.config import ConfigError, cli_config
 from beitfast.data.cache import CacheError, TokenCache
-from beitfast.data.loader import CachedViewLoader, one_line
-from beitfast.data.prefetch import prefetch
+from beitfast.data.loader import build_loader, one_line, thread_plan
 from beitfast.model import Beit, BeitArgs
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics
 
@@ -167,15 +167,16 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                           f"({cfg.data.batch_size}) x {world} processes; the difference is made up by gradient "
                           f"accumulation")
     accum = cfg.train.global_batch // per_pass
-    if cfg.data.backend == "ffcv":
-        raise ConfigError("data.backend=ffcv is not built yet; use data.backend=dali or reference")
     if not cfg.data.cache:
         raise ConfigError("data.cache is empty: build a token cache with data_prep/tokenize_imagenet.py and pass "
                           "data.cache=DIR")
     cache = TokenCache(cfg.data.cache)
     tokenizer = configured_tokenizer(cfg)
     cache.check_config(cfg, tokenizer)
-    loader = CachedViewLoader(cache, cfg, rank, world, device, accum)
+    threads, workers = thread_plan(cfg.data)  # this node's cores divided among its ranks, not multiplied
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    loader = build_loader(cfg, cache, rank, world, device, accum, threads=threads, workers=workers)
     steps_per_epoch = loader.steps_per_epoch
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -183,10 +184,10 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     if main_proc:
         print(f"[train] {world} process(es) x data.batch_size {cfg.data.batch_size} x {accum} accumulation "
-              f"step(s) = global batch {cfg.train.global_batch}; loader: cached views rendered through DALI on the "
-              f"{'GPU' if cuda else 'CPU'}, {cfg.data.prefetch} batches ahead in a thread"
-              + (" (the DALI GPU pipeline with its own queues is not built yet)" if cfg.data.backend == "dali" else "")
-              + f"; kernels {resolved['kernels']}; optimizer {resolved['optimizer']}; precision {cfg.train.precision}")
+              f"step(s) = global batch {cfg.train.global_batch}; loader: {cfg.data.backend} on the "
+              f"{'GPU' if cuda else 'CPU'}, {threads} thread(s) and {workers} worker process(es) per rank, "
+              f"{cfg.data.prefetch} batches ahead; kernels {resolved['kernels']}; optimizer {resolved['optimizer']}; "
+              f"precision {cfg.train.precision}")
         if tokenizer is None:
             print(f"[train] note: tokenizer.path={cfg.tokenizer.path or '(empty)'} is not on this machine, so the "
                   f"cache's tokenizer ({cache.settings['tokenizer']['kind']}, weights "
@@ -262,7 +263,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
         writer = SummaryWriter(str(out), purge_step=step + 1)  # a resumed run drops events past its checkpoint
     prof = start_profiler(out / "profile", cfg.log.profile_steps, cuda) if (main_proc and cfg.log.profile_steps) else None
     bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
-    batches = prefetch(loader.stream(step), cfg.data.prefetch, device)
+    batches = loader.stream(step)  # the backend prepares data.prefetch batches ahead on its own
     model.train()
     try:
         while step < total:
@@ -338,7 +339,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
     except Exception as e:
         raise LoopFailure(step + 1) from e
     finally:
-        batches.close()  # joins the prefetch thread before the DALI pipeline goes
+        batches.close()  # stops the backend's threads and worker processes before anything else goes
         loader.close()
         bar.close()
         if writer is not None:

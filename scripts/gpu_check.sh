@@ -3,8 +3,9 @@
 # the README still lacks. Uses the machine's own Python (PYTHON, default python3): GPU
 # machines carry torch/triton/numba/timm/pyyaml/tqdm but may lack DALI and dall_e, whose
 # parts skip. Results: $OUT (default benchmarks/results/gpu-<date>) holds pytest_gpu.log, pytest_cpu.log and one
-# <bench>.json per benchmark (its last line), plus nvidia-smi.txt. bench_tokenize.py and
-# bench_loader.py need DALI: run them separately where DALI is installed.
+# <bench>.json per benchmark (its last line), plus nvidia-smi.txt. With DALI installed (see
+# ../shared/gpu/pack_dali.sh) the GPU tests also cover the DALI GPU pipeline (nvJPEG decoder vs
+# CPU, the stream handoff, no host sync per batch), and bench_loader.py / bench_tokenize.py run.
 #
 #   bash scripts/gpu_check.sh            # everything (about 10 minutes on an H100)
 #   QUICK=1 bash scripts/gpu_check.sh    # tests and kernel benchmark only
@@ -27,6 +28,11 @@ TRITON_INTERPRET=1 "$PY" -m pytest -q tests/test_kernels.py tests/test_model.py 
 
 benches=(bench_kernels)
 [ -n "${QUICK:-}" ] || benches+=(bench_model bench_tokenizer bench_masking)
+if [ -z "${QUICK:-}" ] && "$PY" -c "import nvidia.dali" 2>/dev/null; then
+  benches+=(bench_loader bench_tokenize)
+else
+  echo "gpu_check: DALI not importable: bench_loader and bench_tokenize skipped"
+fi
 for b in "${benches[@]}"; do
   echo "== $b"
   if "$PY" "benchmarks/$b.py" > "$OUT/$b.log" 2>&1; then

@@ -31,3 +31,35 @@ def toy_root(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "imagenet"
     make(out, classes=4, per_class=30, val_per_class=5, seed=1, corrupt=True, progress=False)
     return out
+
+
+VOCAB = 96  # the tiny test tokenizer's vocabulary
+
+
+@pytest.fixture(scope="session")
+def cache(toy_root, tmp_path_factory):
+    """A token cache of the toy ImageNet (K = 2 views) made with a small random dVAE: (path,
+    the config overrides that go with it)."""
+    from beitfast.tokenizers.dvae import DVAE, DVAEArch
+    from data_prep.tokenize_imagenet import main as tokenize
+
+    d = tmp_path_factory.mktemp("cache")
+    torch.manual_seed(0)
+    torch.save(DVAE(DVAEArch(vocab_size=VOCAB, n_hid=16, n_init=16, n_blk_per_group=1, downsample=4)).export(32),
+               d / "tok.pt")
+    over = [f"tokenizer.path={d / 'tok.pt'}", "data.views=2", f"model.vocab_size={VOCAB}"]
+    assert tokenize(["--data", str(toy_root), "--out", str(d / "cache"), "--cfg", "tiny.yaml", "--no-progress",
+                     "--max-reject", "0.05", *over]) == 0
+    return d / "cache", over
+
+
+@pytest.fixture(scope="session")
+def ffcv_cache(cache):
+    """The same cache with its FFCV .beton written (skips where FFCV is unavailable)."""
+    why = ffcv_skip_reason()
+    if why:
+        pytest.skip(why)
+    from data_prep.cache_to_ffcv import main as to_ffcv
+
+    assert to_ffcv(["--cache", str(cache[0]), "--workers", "2", "--stall-timeout", "120"]) == 0
+    return cache

@@ -1,29 +1,53 @@
-"""Training batches from a token cache: the reference loader backend.
+"""Training batches from a token cache: the one batch contract, and the backend that makes it.
 
-The batch contract every backend yields (the training loop never branches on the backend):
-    images  float (B, 3, S, S), normalised with data.mean / data.std, on the device
-    tokens  long  (B, h, w), the cached tokens of exactly the rendered view
-    mask    bool  (B, h, w), blockwise masks (seed, epoch, index)
-    index   long  (B,), source indices (for debugging and resume checks)
+Every backend (`data.backend`) yields the same micro-batches, so the training loop never
+branches on the backend:
 
-Each epoch, image j uses cached view `pick_view(seed, epoch, j, K)`, rendered at the model's
-size (bicubic, antialiased) by the shared view code; batches are slices of a permutation
-seeded by (seed, epoch), split across ranks, so a batch is a pure function of (seed, epoch,
-step, rank, world size) and a resumed run replays the same data.
+    images  (B, 3, S, S) normalised with data.mean / data.std, on the device: fp16 when the
+            run trains in bf16 or fp16 (autocast reads it; fp16 holds normalised pixels more
+            precisely than bf16), fp32 otherwise. With view="tokenizer": uint8 (B, 3, T, T),
+            the tokenizer's input, not normalised (to check a backend against the cache).
+    tokens  long (B, h, w), the cached tokens of exactly the rendered view, on the device
+    mask    bool (B, h, w), blockwise masks of (mask.seed, epoch, index), on the device
+    index   long (B,), cache indices of the images, on the CPU
 
-Gradient accumulation (`accum` micro-batches per optimizer step): step s of an epoch covers
-the global batch perm[s * G:(s + 1) * G], G = batch x world x accum, micro-batch m of rank r
-taking its slice ((s * accum + m) * world + r) * batch, so one process accumulating 2 x 8
-sees exactly the images that 2 processes of 8 or one of 16 see at that step.
+Image j in epoch e is rendered from cached view `pick_view(seed, e, j, K)`; which images a
+rank reads, in which order, is `StepSampler`'s business (one sampler for every backend).
+A batch's tensors may live in buffers the backend reuses a few batches later (FFCV's and
+DALI's queues): use a batch before asking for the next few, or clone what you keep.
+
+    dali       one pipelined DALI graph per rank (beitfast/data/dali_loader.py): the default
+    reference  a torch DataLoader whose workers render with Pillow and torchvision, as the
+               original code loads (beitfast/data/reference_loader.py): the correctness
+               oracle and the speed baseline
+    ffcv       FFCV's compiled pipeline over a .beton written by data_prep/cache_to_ffcv.py
+               (beitfast/data/ffcv_loader.py)
+
+Threads: `data.num_threads` (0: this node's cores divided among its ranks) is what each rank
+gives DALI, FFCV, Numba and torch; `data.workers` (-1: the same share) the Python worker
+processes that read the cache (DALI's parallel external source, the DataLoader's workers).
 """
 from __future__ import annotations
 
-import numpy as np
+import os
+
 import torch
 
 from beitfast.data.cache import CacheError, TokenCache
-from beitfast.data.views import VIEW_DTYPE, ViewRenderer, pick_view
-from beitfast.masking import MaskGenerator, MaskSpec
+from beitfast.data.sampler import StepSampler
+
+BACKENDS = ("dali", "reference", "ffcv")
+
+
+def thread_plan(data_cfg, local_world: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """(threads, workers) per rank: an explicit data.num_threads / data.workers, or this node's
+    cores divided among the ranks on it (LOCAL_WORLD_SIZE under torchrun), never multiplied."""
+    local_world = local_world or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = cores or len(os.sched_getaffinity(0))
+    share = max(1, cores // local_world)
+    threads = data_cfg.num_threads or share
+    workers = share if data_cfg.workers < 0 else data_cfg.workers
+    return threads, workers
 
 
 def one_line(err: Exception, limit: int = 400) -> str:
@@ -32,85 +56,75 @@ def one_line(err: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-class CachedViewLoader:
-    def __init__(self, cache: TokenCache, cfg, rank: int = 0, world: int = 1, device="cpu", accum: int = 1):
-        self.cache, self.cfg, self.rank, self.world, self.accum = cache, cfg, rank, world, accum
-        self.device = torch.device(device)
-        self.batch = cfg.data.batch_size
-        self.seed = cfg.train.seed
-        cache.check_config(cfg)  # settings, vocabulary, grid (the trainer also checks the tokenizer)
-        grid = cfg.model.img_size // cfg.model.patch_size
-        self.grid = grid
-        self.masks = MaskGenerator(MaskSpec.from_config(cfg.mask, grid), seed=cfg.mask.seed)
-        self.renderer = ViewRenderer(cfg.model.img_size, "cubic", self.batch,
-                                     "gpu" if self.device.type == "cuda" else "cpu", cfg.data.num_threads,
-                                     self.device.index or 0)
-        self.mean = torch.tensor(cfg.data.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(cfg.data.std, device=self.device).view(1, 3, 1, 1) * 255
-        self._perm_epoch, self._perm = None, None  # the last epoch's image order (see _permutation)
-        self.steps_per_epoch = len(cache) // (self.batch * world * accum)  # optimizer steps
-        if self.steps_per_epoch == 0:
-            raise CacheError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
-                             f"({self.batch} x {world} ranks x {accum} accumulation steps)")
+def render_error(cache: TokenCache, indices, err: Exception) -> CacheError:
+    """A backend failed to render images `indices` (DALI and FFCV name neither the image nor
+    the file): decode each with Pillow and name the damaged ones with their shard and bytes."""
+    from beitfast.data.images import BadImage, decode_rgb
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        """The epoch's image order, made once per epoch (1.28M entries for ImageNet), not
-        once per micro-batch."""
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.cache))
-            self._perm_epoch = epoch
-        return self._perm
+    bad = []
+    for j in dict.fromkeys(int(j) for j in indices):
+        try:
+            decode_rgb(cache.item(j)[0].tobytes())
+        except BadImage:
+            bad.append(j)
+    if bad:
+        where = "; ".join(f"image {j} ({cache.locate(j)})" for j in bad[:5])
+        return CacheError(f"{cache.path}: {len(bad)} cached image(s) cannot be decoded: {where}. The cache is "
+                          f"damaged: check it with data_prep/verify_cache.py and rebuild it ({one_line(err)})")
+    return CacheError(f"{cache.path}: rendering images {list(indices)[:8]}... failed: {one_line(err)}")
 
-    def batch_indices(self, epoch: int, step: int, micro: int = 0) -> np.ndarray:
-        start = ((step * self.accum + micro) * self.world + self.rank) * self.batch
-        return self._permutation(epoch)[start:start + self.batch]
 
-    def _render_error(self, idx, jpegs, err: Exception) -> str:
-        from beitfast.data.images import BadImage, decode_rgb
+def image_dtype(cfg) -> torch.dtype:
+    return torch.float16 if cfg.train.precision in ("bf16", "fp16") else torch.float32
 
-        bad = []
-        for j, data in zip(idx, jpegs):
-            try:
-                decode_rgb(bytes(data))
-            except BadImage:
-                bad.append(int(j))
-        dali = one_line(err)
-        if bad:
-            where = "; ".join(f"image {j} ({self.cache.locate(j)})" for j in bad[:5])
-            return (f"{self.cache.path}: {len(bad)} cached image(s) of this batch cannot be decoded: {where}. The cache "
-                    f"is damaged: check it with data_prep/verify_cache.py and rebuild it (DALI: {dali})")
-        return f"{self.cache.path}: rendering the views of images {idx[:8].tolist()}... failed: {dali}"
 
-    def stream(self, start_step: int = 0):
-        """Micro-batches from global optimizer step `start_step` on, across epochs, without end:
-        `accum` per step (the training loop takes what it needs)."""
-        epoch = start_step // self.steps_per_epoch
-        yield from self.epoch(epoch, start_step % self.steps_per_epoch)
-        while True:
-            epoch += 1
-            yield from self.epoch(epoch)
+def render_args(cfg, view: str) -> dict:
+    """What a backend renders: size and resampler of the view, and its normalisation (None
+    for the tokenizer's uint8 input)."""
+    if view == "vit":
+        return {"size": cfg.model.img_size, "interp": "cubic", "normalize": (tuple(cfg.data.mean), tuple(cfg.data.std))}
+    if view == "tokenizer":
+        return {"size": cfg.data.tokenizer_img_size, "interp": "lanczos", "normalize": None}
+    raise ValueError(f"view must be 'vit' or 'tokenizer', got {view!r}")
 
-    def close(self) -> None:
-        """Release the DALI pipeline (its threads) now rather than at interpreter exit."""
-        self.renderer = None
 
-    def epoch(self, epoch: int, start_step: int = 0):
-        """Micro-batches of `epoch` from optimizer step `start_step` on, `accum` per step, in
-        order (the contract in the module docstring)."""
-        k = self.cache.views_per_image
-        for step in range(start_step * self.accum, self.steps_per_epoch * self.accum):
-            idx = self.batch_indices(epoch, *divmod(step, self.accum))
-            which = pick_view(self.seed, epoch, idx, k)
-            items = [self.cache.item(int(j)) for j in idx]
-            jpegs = [np.asarray(it[0]) for it in items]
-            views = np.array([it[2][v] for it, v in zip(items, which)], VIEW_DTYPE)
-            tokens = np.stack([it[3][v] for it, v in zip(items, which)]).astype(np.int64)
-            try:
-                images = self.renderer.render(jpegs, views)
-            except RuntimeError as e:  # DALI names neither the image nor the file: find them
-                raise CacheError(self._render_error(idx, jpegs, e)) from e
-            images = (images.to(self.device) - self.mean) / self.std
-            yield {"images": images,
-                   "tokens": torch.from_numpy(tokens).view(-1, self.grid, self.grid).to(self.device),
-                   "mask": torch.from_numpy(self.masks(idx, epoch)).to(self.device),
-                   "index": torch.from_numpy(idx.astype(np.int64))}
+def pipeline_args(cfg, view: str, device: torch.device) -> dict:
+    """render_args plus the DALI output type."""
+    from nvidia.dali import types
+
+    args = render_args(cfg, view)
+    args["dtype"] = types.FLOAT16 if image_dtype(cfg) == torch.float16 else types.FLOAT
+    return args
+
+
+def build_loader(cfg, cache: TokenCache, rank: int = 0, world: int = 1, device="cpu", accum: int = 1,
+                 view: str = "vit", threads: int | None = None, workers: int | None = None):
+    """The configured backend over `cache`, for rank `rank` of `world` accumulating `accum`
+    micro-batches a step. Returns an object with `steps_per_epoch`, `stream(start_step)` (the
+    micro-batches from that optimizer step on, across epochs) and `close()`."""
+    cache.check_config(cfg)  # settings, vocabulary, grid (the trainer also checks the tokenizer)
+    device = torch.device(device)
+    sampler = StepSampler(len(cache), cfg.train.seed, cfg.data.batch_size, world, rank, accum)
+    if sampler.steps_per_epoch == 0:
+        raise CacheError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
+                         f"({cfg.data.batch_size} x {world} ranks x {accum} accumulation steps)")
+    plan = thread_plan(cfg.data)
+    threads = threads if threads is not None else plan[0]
+    workers = workers if workers is not None else plan[1]
+    backend = cfg.data.backend
+    if backend == "dali":
+        from beitfast.data.dali_loader import DaliLoader
+
+        loader = DaliLoader(cache, cfg, sampler, device, threads, workers, view)
+    elif backend == "reference":
+        from beitfast.data.reference_loader import ReferenceLoader
+
+        loader = ReferenceLoader(cache, cfg, sampler, device, workers, view)
+    elif backend == "ffcv":
+        from beitfast.data.ffcv_loader import FfcvLoader
+
+        loader = FfcvLoader(cache, cfg, sampler, device, threads, view)
+    else:
+        raise ValueError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
+    loader.steps_per_epoch = sampler.steps_per_epoch
+    return loader

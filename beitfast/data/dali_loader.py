@@ -1,0 +1,136 @@
+"""The DALI backend (`data.backend: dali`): one pipelined DALI graph per rank.
+
+The graph, top to bottom (`training_pipeline`):
+
+    CacheSource          per-sample callback, run by `data.workers` Python worker processes:
+                         sample n of the rank's stream -> jpeg bytes, crop box, flip, jitter
+                         slots, tokens, mask key, index (read from the memory-mapped cache)
+    dali_view            ROI decode (CPU: libjpeg-turbo; GPU: nvJPEG 'mixed' with the hardware
+                         engine, `data.hw_decoder_load`) -> resize -> jitter -> flip ->
+                         normalise straight to the training dtype (fp16 for bf16/fp16 runs,
+                         fp32 otherwise), CHW
+    dali_mask_op         the blockwise masks, Numba, inside the graph
+    .gpu()               tokens and masks join the images on the GPU
+
+Executed asynchronously and pipelined (`exec_async`, `exec_pipelined`) with a prefetch queue
+of `data.prefetch` (>= 2) batches; DALIGenericIterator hands the outputs to torch with the
+copy ordered on torch's current stream, so nothing races with the step in flight and no step
+waits on a host synchronisation or a blocking copy. The index stays on the CPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from beitfast.data.cache import TokenCache
+from beitfast.data.sampler import StepSampler
+from beitfast.data.views import dali_view, pick_view, view_inputs
+from beitfast.masking import MaskSpec, dali_mask_op
+
+OUTPUTS = ("images", "tokens", "mask", "index")
+
+
+class CacheSource:
+    """The external source's callback, one call per micro-batch: micro-batch t of this rank's
+    stream -> per-sample lists of jpeg bytes, crop start and shape, flip, jitter slots, tokens,
+    mask key and index, read from the memory-mapped cache. Stateless in DALI's sense (the output
+    for t depends on t alone; the open cache and the epoch's permutation are caches each worker
+    process rebuilds), so DALI may run it in any worker. One call a batch rather than a sample:
+    DALI's own per-sample calling cost on the feeding thread was what two cores lacked."""
+
+    def __init__(self, cache_path: str, sampler: StepSampler, seed: int, mask_seed: int):
+        self.cache_path, self.sampler, self.seed, self.mask_seed = str(cache_path), sampler, seed, mask_seed
+        self._cache = None
+
+    def __getstate__(self):  # workers reopen the memory maps themselves
+        return {**self.__dict__, "_cache": None}
+
+    def __call__(self, info):
+        if self._cache is None:
+            self._cache = TokenCache(self.cache_path)
+        c = self._cache
+        epoch, idx = self.sampler.micro_batch(info.iteration)  # the stream never ends: one DALI "epoch"
+        which = pick_view(self.seed, epoch, idx, c.views_per_image)
+        items = [c.item(int(j)) for j in idx]
+        views = np.array([it[2][v] for it, v in zip(items, which)])
+        inp = view_inputs(views)
+        return ([np.asarray(it[0]) for it in items], inp["start"], inp["shape"], inp["flip"], inp["mats"],
+                [np.asarray(it[3][v], np.int32) for it, v in zip(items, which)],
+                [np.array([self.mask_seed, epoch, j], np.int64) for j in idx], [np.array(j, np.int64) for j in idx])
+
+
+def training_pipeline(source: CacheSource, spec: MaskSpec, *, batch: int, size: int, interp: str, gpu: bool,
+                      device_id: int, threads: int, workers: int, prefetch: int, normalize, dtype,
+                      hw_decoder_load: float = 0.65):
+    """The rank's DALI pipeline (not yet built). normalize None gives uint8 views (the
+    tokenizer's input); otherwise (mean, std) and the output `dtype`."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id if gpu else None,
+                  prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True,
+                  py_num_workers=max(1, workers), py_start_method="spawn")
+    def pipe():
+        (jpegs, start, shape, flip, mats, tokens, key, index) = fn.external_source(
+            source=source, num_outputs=8, batch=True, batch_info=True, parallel=workers > 0,
+            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT, types.INT32, types.INT64,
+                   types.INT64])
+        images = dali_view(jpegs, start, shape, flip, mats, size, interp, "gpu" if gpu else "cpu",
+                           normalize, dtype, hw_decoder_load)
+        mask = fn.cast(dali_mask_op(spec, key), dtype=types.BOOL)
+        if gpu:
+            tokens, mask = tokens.gpu(), mask.gpu()
+        return images, tokens, mask, index
+
+    return pipe()
+
+
+class DaliLoader:
+    """The batch contract (beitfast/data/loader.py) from a pipelined DALI graph."""
+
+    def __init__(self, cache: TokenCache, cfg, sampler: StepSampler, device: torch.device, threads: int, workers: int,
+                 view: str = "vit"):
+        self.cache, self.cfg, self.sampler, self.device = cache, cfg, sampler, device
+        self.threads, self.workers, self.view = threads, workers, view
+        self.grid = cfg.model.img_size // cfg.model.patch_size
+        self._iter = self._pipe = None
+
+    def stream(self, start_step: int = 0):
+        """Micro-batches from optimizer step `start_step` on, across epochs, without end."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        from beitfast.data.loader import pipeline_args, render_error
+
+        self.sampler.start_step = start_step
+        args = pipeline_args(self.cfg, self.view, self.device)
+        source = CacheSource(self.cache.path, self.sampler, self.cfg.train.seed, self.cfg.mask.seed)
+        pipe = training_pipeline(source, MaskSpec.from_config(self.cfg.mask, self.grid), batch=self.sampler.batch,
+                                 gpu=self.device.type == "cuda", device_id=self.device.index or 0,
+                                 threads=self.threads, workers=self.workers, prefetch=max(2, self.cfg.data.prefetch),
+                                 hw_decoder_load=self.cfg.data.hw_decoder_load, **args)
+        pipe.build()
+        self._pipe = pipe
+        t = 0
+        try:
+            while True:
+                try:
+                    if self._iter is None:  # it runs the first batches as it is made
+                        self._iter = DALIGenericIterator([pipe], list(OUTPUTS), auto_reset=False)
+                    (out,) = next(self._iter)
+                except RuntimeError as e:  # the batch that failed is one of those in the queue
+                    idx = [j for k in range(t, t + max(2, self.cfg.data.prefetch) + 1)
+                           for j in self.sampler.micro_batch(k)[1]]
+                    raise render_error(self.cache, idx, e) from e
+                t += 1
+                yield {"images": out["images"], "tokens": out["tokens"].view(-1, self.grid, self.grid).long(),
+                       "mask": out["mask"].view(-1, self.grid, self.grid), "index": out["index"].view(-1)}
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the pipeline, its threads and its worker processes now, not at interpreter exit."""
+        pipe, self._pipe, self._iter = self._pipe, None, None
+        if pipe is not None:
+            pool = getattr(pipe, "_py_pool", None)
+            pipe._shutdown()
+            if pool is not None:
+                pool.close()
