@@ -50,6 +50,9 @@ class DataConfig:
     split: str = "train"
     backend: Literal["dali", "ffcv", "reference"] = "dali"
     cache: str = ""  # token cache directory written by data_prep/tokenize_imagenet.py
+    # cache: targets from the token cache; online: the original recipe, images read from
+    # data.root and tokenized on the training device every step
+    targets: Literal["cache", "online"] = "cache"
     batch_size: int = 128  # per GPU
     num_threads: int = 0  # DALI / FFCV / Numba / torch threads per rank (0: the node's cores divided among its ranks)
     workers: int = -1  # Python worker processes per rank reading the cache (-1: the same share; 0: in-process)
@@ -97,7 +100,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: Optional[float] = 3.0
-    fused: Literal["auto", "apex", "torch"] = "auto"
+    fused: Literal["auto", "apex", "torch", "none"] = "auto"  # none: torch AdamW unfused, as the reference
 
 
 @dataclass
@@ -111,6 +114,8 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     stop_at: int = 0  # exit after the checkpoint at this step, as if the job were killed (resume tests; 0: off)
     allow_world_change: bool = False  # resume a checkpoint of another world size (per-rank RNG streams reseeded)
+    sync_each_step: bool = False  # read the loss on the host every step, as the reference does (benchmarks)
+    find_unused_parameters: bool = False  # DDP's flag; the reference sets it (benchmarks)
 
 
 @dataclass

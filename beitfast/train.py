@@ -87,18 +87,21 @@ def _apex_fused_adam():
 
 def optimizer_choice(choice: str, device: torch.device) -> str:
     """optim.fused: auto = Apex FusedAdam on CUDA when installed, else torch's fused AdamW;
-    apex / torch force one. Refuses an impossible choice naming the key."""
+    apex / torch force one; none is torch's AdamW unfused (the reference's). Refuses an impossible choice naming the key."""
     have_apex, cuda = _apex_fused_adam() is not None, device.type == "cuda"
     if choice == "apex" and not (have_apex and cuda):
         raise ConfigError(f"optim.fused=apex needs NVIDIA Apex on a CUDA device (Apex installed: {have_apex}, "
                           f"device: {device}); optim.fused=auto uses it when it is there")
+    if choice == "none":  # torch's AdamW without fusion, as the reference
+        return "none"
     return "apex" if choice == "apex" or (choice == "auto" and have_apex and cuda) else "torch"
 
 
 def build_optimizer(groups, o, device):
-    if optimizer_choice(o.fused, device) == "apex":
+    choice = optimizer_choice(o.fused, device)
+    if choice == "apex":
         return _apex_fused_adam()(groups, lr=o.lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=choice == "torch")
 
 
 def check_choices(cfg, device: torch.device) -> dict:
@@ -167,16 +170,28 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                           f"({cfg.data.batch_size}) x {world} processes; the difference is made up by gradient "
                           f"accumulation")
     accum = cfg.train.global_batch // per_pass
-    if not cfg.data.cache:
+    online = cfg.data.targets == "online"
+    cache = tokenizer = None
+    if online:  # the original recipe: no cache; the tokenizer runs on this device every step
+        if not cfg.tokenizer.path or not Path(cfg.tokenizer.path).exists():
+            raise ConfigError(f"data.targets=online tokenizes every step: tokenizer.path="
+                              f"{cfg.tokenizer.path or '(empty)'} must name the tokenizer's weights")
+    elif not cfg.data.cache:
         raise ConfigError("data.cache is empty: build a token cache with data_prep/tokenize_imagenet.py and pass "
-                          "data.cache=DIR")
-    cache = TokenCache(cfg.data.cache)
-    tokenizer = configured_tokenizer(cfg)
-    cache.check_config(cfg, tokenizer)
+                          "data.cache=DIR (or train with data.targets=online, the original recipe)")
+    else:
+        cache = TokenCache(cfg.data.cache)
+        tokenizer = configured_tokenizer(cfg)
+        cache.check_config(cfg, tokenizer)
     threads, workers = thread_plan(cfg.data)  # this node's cores divided among its ranks, not multiplied
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    loader = build_loader(cfg, cache, rank, world, device, accum, threads=threads, workers=workers)
+    try:
+        loader = build_loader(cfg, cache, rank, world, device, accum, threads=threads, workers=workers)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if not online:
+            raise
+        raise StartError(f"data.targets=online: {e}") from None
     steps_per_epoch = loader.steps_per_epoch
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -187,8 +202,10 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
               f"step(s) = global batch {cfg.train.global_batch}; loader: {cfg.data.backend} on the "
               f"{'GPU' if cuda else 'CPU'}, {threads} thread(s) and {workers} worker process(es) per rank, "
               f"{cfg.data.prefetch} batches ahead; kernels {resolved['kernels']}; optimizer {resolved['optimizer']}; "
-              f"precision {cfg.train.precision}")
-        if tokenizer is None:
+              f"precision {cfg.train.precision}; targets "
+              + (f"online ({cfg.tokenizer.kind} tokenizer on the {'GPU' if cuda else 'CPU'} every step, "
+                 f"{cfg.tokenizer.precision}, images from {cfg.data.root})" if online else f"from {cfg.data.cache}"))
+        if tokenizer is None and not online:
             print(f"[train] note: tokenizer.path={cfg.tokenizer.path or '(empty)'} is not on this machine, so the "
                   f"cache's tokenizer ({cache.settings['tokenizer']['kind']}, weights "
                   f"{cache.settings['tokenizer']['weights_sha256'][:12]}) is not checked against the config")
@@ -228,7 +245,8 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
     last_good = step if ckpt_path.exists() else None
     if main_proc:
         reset_metrics(out / "metrics.jsonl", step)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=cfg.train.find_unused_parameters) if world > 1 else model
     fwd = ddp
     if cfg.train.compile:  # the static mask budget keeps the step one graph (no data-dependent shapes)
         fwd = torch.compile(ddp)
@@ -254,6 +272,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
 
     # per report window: loss sum, correct, masked, grad-norm sum, grad norms counted, non-finite steps
     acc = torch.zeros(6, device=device)
+    waited = 0.0  # host seconds spent waiting for batches in this report window
     n_acc, t0, first = 0, time.time(), step + 1
     ckpt_every = max(1, cfg.log.ckpt_every_epochs * steps_per_epoch)
     writer = None
@@ -271,7 +290,9 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
             for g in opt.param_groups:
                 g["lr"] = lr
             for m in range(accum):  # DDP averages over ranks; dividing by accum averages over micro-batches
+                t_wait = time.perf_counter()
                 batch = next(batches)
+                waited += time.perf_counter() - t_wait
                 with ddp.no_sync() if (world > 1 and m < accum - 1) else nullcontext():
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         o = fwd(batch["images"], batch["mask"], batch["tokens"], cfg.mask.num_patches)
@@ -294,6 +315,8 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                 acc[5] += (~finite).float()
                 opt.step()
             opt.zero_grad(set_to_none=True)
+            if cfg.train.sync_each_step:  # as the reference logs: the host waits for every step
+                loss.item()
             n_acc += 1
             step += 1
             bar.update()
@@ -311,6 +334,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                        "lr": lr, "grad_norm": round(gn_sum / max(1.0, gn_n), 5),
                        "step_time_ms": round(1000 * dt / n_acc, 2),
                        "images_per_s": round(n_acc * cfg.train.global_batch / dt, 2),
+                       "data_wait": round(waited / dt, 4),
                        "peak_mem_mib": round(peak_memory_mib(device), 1)}
                 if scaler is not None:
                     row["loss_scale"] = scaler.get_scale()
@@ -323,7 +347,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                                 writer.add_scalar(f"train/{k}", v, step)
                     bar.set_postfix(loss=row["loss"], acc=row["mim_acc"])
                 acc.zero_()
-                n_acc, t0, first = 0, time.time(), step + 1
+                n_acc, t0, first, waited = 0, time.time(), step + 1, 0.0
             if step % ckpt_every == 0 or step == total or step == cfg.train.stop_at:
                 bad = acc[5:].clone()  # steps since the last report: never save non-finite weights
                 if world > 1:

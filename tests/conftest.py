@@ -13,14 +13,9 @@ if not torch.cuda.is_available():  # kernels run in Triton's interpreter; on a G
 
 def ffcv_skip_reason() -> str | None:
     """Why FFCV is unavailable (written by scripts/setup_env.sh), or None."""
-    marker = Path(sys.prefix) / "ffcv-unavailable.txt"
-    if marker.exists():
-        return "FFCV unavailable: " + marker.read_text().strip()
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as e:
-        return f"FFCV not importable: {e}"
-    return None
+    from beitfast.data.ffcv_loader import ffcv_unavailable
+
+    return ffcv_unavailable()
 
 
 @pytest.fixture(scope="session")

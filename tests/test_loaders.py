@@ -203,3 +203,37 @@ def test_ffcv_loader_refuses_a_beton_of_another_cache(ffcv_cache, tmp_path):
     mf.write_text(mf.read_text().replace('"ok"', '"ok" ', 1))  # same cache content, another manifest
     with pytest.raises(CacheError, match="another cache or version.*cache_to_ffcv.py"):
         build_loader(_cfg((other, ffcv_cache[1]), "ffcv"), TokenCache(other))
+
+
+def test_online_targets_render_a_fresh_view_each_epoch_and_tokenize_it(cache, toy_root):
+    """data.targets=online: image j in epoch e is view e of sample_views(seed, j) rendered by
+    the reference renderer, and its tokens are the tokenizer's encoding of the tokenizer view of
+    that same crop; epoch 1 shows other views than epoch 0."""
+    from beitfast.data.images import decode_rgb, list_imagefolder
+    from beitfast.data.views import AugSpec, reference_views, sample_views
+    from beitfast.tokenizers import build_tokenizer
+
+    cfg = _cfg(cache, "reference", "data.targets=online", f"data.root={toy_root}")
+    files, _, _ = list_imagefolder(toy_root, "train")
+    tok = build_tokenizer(cfg.tokenizer, 32)
+    loader = build_loader(cfg, None, tokenizer=tok)
+    spe = loader.steps_per_epoch
+    (b,) = _take(loader, spe, 1)  # the first batch of epoch 1
+    (t,) = _take(build_loader(cfg, None, tokenizer=tok, view="tokenizer"), spe, 1)
+    assert torch.equal(b["index"], t["index"]) and torch.equal(b["tokens"], t["tokens"])
+    np.testing.assert_array_equal(b["tokens"].numpy(), tok.encode(t["images"]).numpy())
+    mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
+    aug = AugSpec.from_config(cfg.data)
+    moved = 0
+    for img, small, j in zip(b["images"], t["images"], b["index"].tolist()):
+        try:
+            arr = decode_rgb((toy_root / files[j]).read_bytes())
+        except Exception:
+            continue  # a corrupt toy file: the loader used the next one
+        v0, v1 = sample_views(cfg.train.seed, j, *arr.shape[:2], 2, aug)
+        vit, tk = reference_views(Image.fromarray(arr), v1, [(64, "cubic"), (32, "lanczos")])
+        want = (torch.from_numpy(np.array(vit)).permute(2, 0, 1).float() / 255 - mean) / std
+        assert torch.allclose(img, want, atol=1e-5)
+        assert torch.equal(small, torch.from_numpy(np.array(tk)).permute(2, 0, 1))
+        moved += (v0["y"], v0["x"], v0["h"], v0["w"]) != (v1["y"], v1["x"], v1["h"], v1["w"])
+    assert moved >= 6

@@ -66,6 +66,32 @@ def test_every_backend_trains_end_to_end(cache, tmp_path, backend, request):
     assert rows[-1]["step"] == 28 and rows[-1]["loss"] < rows[0]["loss"] - 0.3, (rows[0], rows[-1])
 
 
+def test_online_targets_learn_and_resume_bitwise(cache, toy_root, tmp_path):
+    """data.targets=online, the original recipe: images read from data.root (its corrupt files
+    named and skipped), a fresh view every epoch, tokenized on the device every step. The loss
+    falls; killed after the checkpoint at step 9 and resumed, the run ends with the weights of
+    a run that never stopped."""
+    p = ["data.targets=online", "data.backend=reference", f"data.root={toy_root}", "data.workers=1",
+         "train.max_steps=14", "log.ckpt_every_epochs=100"]
+    r = _train(cache, tmp_path / "a", *p)
+    assert r.returncode == 0 and "targets online (dvae tokenizer on the CPU every step" in r.stdout, r.stderr[-3000:]
+    assert "skipping an unreadable image" in r.stderr
+    rows = _rows(tmp_path / "a")
+    assert rows[-1]["step"] == 14 and rows[-1]["loss"] < rows[0]["loss"] - 0.3, (rows[0], rows[-1])
+    assert all(0 <= x["data_wait"] < 1 for x in rows)
+    assert _train(cache, tmp_path / "b", *p, "train.stop_at=9").returncode == 0
+    r = _train(cache, tmp_path / "b", *p)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    _same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_online_targets_need_the_tokenizer_and_the_reference_backend(cache, toy_root, tmp_path):
+    r = _train(cache, tmp_path / "x", "data.targets=online", f"data.root={toy_root}", "tokenizer.path=/nope.pt")
+    assert r.returncode == 2 and "tokenizer.path=/nope.pt must name the tokenizer's weights" in r.stderr
+    r = _train(cache, tmp_path / "y", "data.targets=online", f"data.root={toy_root}", "data.backend=dali")
+    assert r.returncode == 2 and "set data.backend=reference" in r.stderr.splitlines()[-1], r.stderr[-2000:]
+
+
 def _same_weights(a, b):
     a = torch.load(a / "ckpt.pt", weights_only=True)
     b = torch.load(b / "ckpt.pt", weights_only=True)

@@ -97,20 +97,24 @@ def pipeline_args(cfg, view: str, device: torch.device) -> dict:
     return args
 
 
-def build_loader(cfg, cache: TokenCache, rank: int = 0, world: int = 1, device="cpu", accum: int = 1,
-                 view: str = "vit", threads: int | None = None, workers: int | None = None):
+def build_loader(cfg, cache: TokenCache | None, rank: int = 0, world: int = 1, device="cpu", accum: int = 1,
+                 view: str = "vit", threads: int | None = None, workers: int | None = None, tokenizer=None):
     """The configured backend over `cache`, for rank `rank` of `world` accumulating `accum`
     micro-batches a step. Returns an object with `steps_per_epoch`, `stream(start_step)` (the
-    micro-batches from that optimizer step on, across epochs) and `close()`."""
-    cache.check_config(cfg)  # settings, vocabulary, grid (the trainer also checks the tokenizer)
+    micro-batches from that optimizer step on, across epochs) and `close()`. With
+    `data.targets: online` there is no cache (pass None): the images are read from
+    `data.root` and `tokenizer` (built from `tokenizer.*` when None) makes the targets."""
     device = torch.device(device)
+    plan = thread_plan(cfg.data)
+    threads = threads if threads is not None else plan[0]
+    workers = workers if workers is not None else plan[1]
+    if cfg.data.targets == "online":
+        return _online_loader(cfg, rank, world, device, accum, view, workers, tokenizer)
+    cache.check_config(cfg)  # settings, vocabulary, grid (the trainer also checks the tokenizer)
     sampler = StepSampler(len(cache), cfg.train.seed, cfg.data.batch_size, world, rank, accum)
     if sampler.steps_per_epoch == 0:
         raise CacheError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
                          f"({cfg.data.batch_size} x {world} ranks x {accum} accumulation steps)")
-    plan = thread_plan(cfg.data)
-    threads = threads if threads is not None else plan[0]
-    workers = workers if workers is not None else plan[1]
     backend = cfg.data.backend
     if backend == "dali":
         from beitfast.data.dali_loader import DaliLoader
@@ -126,5 +130,30 @@ def build_loader(cfg, cache: TokenCache, rank: int = 0, world: int = 1, device="
         loader = FfcvLoader(cache, cfg, sampler, device, threads, view)
     else:
         raise ValueError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
+    loader.steps_per_epoch = sampler.steps_per_epoch
+    return loader
+
+
+def _online_loader(cfg, rank, world, device, accum, view, workers, tokenizer):
+    """`data.targets: online`: the reference loader over the image folder, tokenizing each
+    batch on `device` (the original recipe). Only the reference backend renders online."""
+    from beitfast.data.images import list_imagefolder
+    from beitfast.data.reference_loader import OnlineLoader
+
+    if cfg.data.backend != "reference":
+        raise ValueError(f"data.targets=online renders with the reference backend (Pillow workers, as the original "
+                         f"code); data.backend={cfg.data.backend} reads a token cache: set data.backend=reference "
+                         f"or data.targets=cache")
+    files, _, _ = list_imagefolder(cfg.data.root, cfg.data.split)
+    sampler = StepSampler(len(files), cfg.train.seed, cfg.data.batch_size, world, rank, accum)
+    if sampler.steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data.root}: {len(files)} images are fewer than one global batch "
+                         f"({cfg.data.batch_size} x {world} ranks x {accum} accumulation steps)")
+    loader = OnlineLoader(files, cfg, sampler, device, workers, view, tokenizer)
+    grid = cfg.model.img_size // cfg.model.patch_size
+    tok = loader.tokenizer
+    if tuple(tok.grid) != (grid, grid) or tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {cfg.tokenizer.path}: grid {tok.grid}, vocabulary {tok.vocab_size}; the model "
+                         f"predicts {grid}x{grid} tokens of model.vocab_size={cfg.model.vocab_size}")
     loader.steps_per_epoch = sampler.steps_per_epoch
     return loader

@@ -2,12 +2,15 @@
 processes render each stored view with Pillow and torchvision, the way the original code
 loads (ColorJitter on the whole PIL image, horizontal flip, crop box resized bicubic 224 /
 Lanczos 112, ToTensor + Normalize, in float32). It is the correctness oracle the other
-backends are compared with, and the speed baseline.
+backends are compared with, and the speed baseline. With `data.targets: online` the same
+DataLoader reads the image folder instead and the tokenizer makes the targets every step
+(`OnlineLoader`): the original recipe whole, the baseline of benchmarks/bench_train.py.
 """
 from __future__ import annotations
 
 import io
 import itertools
+import sys
 
 import numpy as np
 import torch
@@ -93,3 +96,88 @@ class ReferenceLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
+
+
+# ----------------------------------------------------------------------------- online targets
+class OnlineDataset(torch.utils.data.Dataset):
+    """`data.targets: online`, the original recipe: sample n of the rank's stream -> (ViT view,
+    tokenizer view, mask, index), read straight from the image folder. Image j in epoch e uses
+    view e of `sample_views(seed, j, ...)` (a fresh view every epoch), rendered as the reference
+    renders it: one jitter and crop, resized twice (bicubic for the ViT, Lanczos for the
+    tokenizer, which runs on the training device in the loader's stream). A file that cannot
+    be decoded is named on stderr once and replaced by the next decodable file in the listing
+    (a pure function of the index, so resumed runs stay identical); the original code would
+    stop on it."""
+
+    def __init__(self, root: str, files: list[str], sampler: StepSampler, seed: int, aug, spec: MaskSpec,
+                 mask_seed: int, size: int, normalize, tok_size: int):
+        self.root, self.files, self.sampler, self.seed, self.aug = root, files, sampler, seed, aug
+        self.spec, self.mask_seed, self.size, self.normalize, self.tok_size = spec, mask_seed, size, normalize, tok_size
+        self._masks, self._bad = None, set()
+
+    def __getitem__(self, n: int):
+        import os
+
+        import torchvision.transforms.functional as TF
+        from PIL import Image
+
+        from beitfast.data.images import decode_rgb
+        from beitfast.data.views import reference_views, sample_views
+
+        from beitfast.data.images import BadImage
+
+        if self._masks is None:
+            self._masks = MaskGenerator(self.spec, self.mask_seed)
+        epoch, j = self.sampler.sample(n)
+        for k in range(len(self.files)):  # a file that cannot be decoded: the next one that can
+            path = os.path.join(self.root, self.files[(j + k) % len(self.files)])
+            try:
+                with open(path, "rb") as f:
+                    arr = decode_rgb(f.read(), path)  # upright RGB, whatever the file's mode
+                break
+            except (BadImage, OSError) as e:
+                if path not in self._bad:
+                    self._bad.add(path)
+                    print(f"[online] skipping an unreadable image, using the next one instead: {e}", file=sys.stderr)
+        else:
+            raise BadImage(self.root, "no image under it can be decoded")
+        h, w = arr.shape[:2]
+        view = sample_views(self.seed, j, h, w, 1, self.aug, first=epoch)[0]
+        vit, tok = reference_views(Image.fromarray(arr), view, [(self.size, "cubic"), (self.tok_size, "lanczos")])
+        x = TF.normalize(TF.to_tensor(vit), *self.normalize)
+        mask = self._masks(np.array([j]), epoch)[0]
+        return x, torch.from_numpy(np.array(tok)).permute(2, 0, 1), torch.from_numpy(mask), j
+
+    def __len__(self):
+        return 1 << 62
+
+
+class OnlineLoader(ReferenceLoader):
+    """The batch contract with targets made on the fly: the tokenizer (`tokenizer.*`, in
+    `tokenizer.precision`) encodes each batch's tokenizer view on the training device, every
+    step, as the original method does. view="tokenizer" yields the tokenizer's uint8 input."""
+
+    def __init__(self, files: list[str], cfg, sampler: StepSampler, device: torch.device, workers: int,
+                 view: str = "vit", tokenizer=None):
+        super().__init__(None, cfg, sampler, device, workers, view)
+        from beitfast.tokenizers import build_tokenizer
+
+        self.files = files
+        self.tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, cfg.data.tokenizer_img_size, device)
+
+    def _dataset(self):
+        from beitfast.data.views import AugSpec
+
+        args = render_args(self.cfg, "vit")
+        return OnlineDataset(self.cfg.data.root, self.files, self.sampler,
+                             self.cfg.train.seed, AugSpec.from_config(self.cfg.data),
+                             MaskSpec.from_config(self.cfg.mask, self.grid), self.cfg.mask.seed, args["size"],
+                             args["normalize"], self.cfg.data.tokenizer_img_size)
+
+    def _batch(self, x, tok, mask, index):
+        tok = tok.to(self.device, non_blocking=True)
+        tokens = self.tokenizer.encode(tok)
+        if self.view == "tokenizer":
+            x = tok
+        return {"images": x.to(self.device, self._dtype, non_blocking=True), "tokens": tokens,
+                "mask": mask.to(self.device, non_blocking=True), "index": index.long()}
