@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m beitfast.demo --out $(DEMO)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=12 tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_masking.py

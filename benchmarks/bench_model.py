@@ -81,6 +81,9 @@ def main(argv=None) -> dict:
         options += [("unfused_compiled_sdpa", "torch", "sdpa", True, budget),  # inductor's own fusions
                     ("fused_compiled_sdpa", "auto", "sdpa", True, budget)]
     for name, kern, attn, comp, max_masked in options:
+        if attn == "flex" and not cuda:  # a known absence is skipped and said; any other failure fails the run
+            print(f"{name}: skipped: torch has no FlexAttention backward on CPU")
+            continue
         model = Beit(BeitArgs(size=size, img_size=img, depth=depth, kernels=kern, attention=attn)).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         fwd = torch.compile(model) if comp else model
@@ -99,9 +102,6 @@ def main(argv=None) -> dict:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t = time_median(step, reps, warmup=3 if comp else 1)
-        except Exception as e:  # an option that cannot run here is reported, not fatal
-            res["options"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            continue
         finally:  # free this option's weights and optimizer state before the next option's peak
             del model, opt, fwd
         row = {"images_per_s": round(batch / t, 2), "step_ms": round(t * 1e3, 2),

@@ -5,7 +5,8 @@
 # parts skip. Results: $OUT (default benchmarks/results/gpu-<date>) holds pytest_gpu.log, pytest_cpu.log and one
 # <bench>.json per benchmark (its last line), plus nvidia-smi.txt. With DALI installed (see
 # ../shared/gpu/pack_dali.sh) the GPU tests also cover the DALI GPU pipeline (nvJPEG decoder vs
-# CPU, the stream handoff, no host sync per batch), and bench_loader.py / bench_tokenize.py run.
+# CPU, the stream handoff, no host sync per batch), and bench_loader.py / bench_tokenize.py /
+# bench_train.py (the original recipe vs beitfast, BEiT-B/16, end to end) run.
 #
 #   bash scripts/gpu_check.sh            # everything (about 10 minutes on an H100)
 #   QUICK=1 bash scripts/gpu_check.sh    # tests and kernel benchmark only
@@ -29,9 +30,9 @@ TRITON_INTERPRET=1 "$PY" -m pytest -q tests/test_kernels.py tests/test_model.py 
 benches=(bench_kernels)
 [ -n "${QUICK:-}" ] || benches+=(bench_model bench_tokenizer bench_masking)
 if [ -z "${QUICK:-}" ] && "$PY" -c "import nvidia.dali" 2>/dev/null; then
-  benches+=(bench_loader bench_tokenize)
+  benches+=(bench_loader bench_tokenize bench_train)
 else
-  echo "gpu_check: DALI not importable: bench_loader and bench_tokenize skipped"
+  echo "gpu_check: DALI not importable: bench_loader, bench_tokenize and bench_train skipped"
 fi
 for b in "${benches[@]}"; do
   echo "== $b"
