@@ -7,7 +7,8 @@ Layout: ``OUT/train/<wnid>/<wnid>_<n>.JPEG`` and ``OUT/val/<wnid>/...``, labels 
 sorted wnids, exactly like ImageNet. Each class has its own texture (stripes, checks, rings,
 dots, blobs), frequency, orientation, palette and foreground shape; every image draws its
 own size (96..320 px a side, aspect 0.6..1.7), jitter and noise, so a model must learn the
-class statistics rather than one picture.
+class statistics rather than one picture. With ``--random-palette`` every image draws its own
+colours, so colour says nothing about the class (the evaluation's harder variant).
 
 Like real ImageNet, the train split also holds odd files: CMYK JPEGs, grayscale JPEGs, one
 PNG saved under a .JPEG name and EXIF-rotated JPEGs (stored pixels rotated, an Orientation
@@ -132,16 +133,21 @@ def oddities(n_train: int, corrupt: bool) -> dict[int, str]:
 
 
 def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class: int = 20,
-         seed: int = 0, corrupt: bool = False, progress: bool = True, sides: tuple[int, int] = (96, 320)) -> dict:
+         seed: int = 0, corrupt: bool = False, progress: bool = True, sides: tuple[int, int] = (96, 320),
+         random_palette: bool = False) -> dict:
     """Write the dataset to `out` (atomically) and return its manifest. `sides`: the range of
     an image's geometric-mean side in pixels ((380, 480) gives ImageNet-sized images, about
-    500 x 375)."""
+    500 x 375). `random_palette`: every image draws its own colours, so only texture, frequency,
+    orientation and shape carry the class (a colour-histogram classifier is at chance; the
+    evaluation's harder variant)."""
     if classes < 1 or per_class < 1 or val_per_class < 0:
         raise ValueError(f"need classes >= 1, per_class >= 1, val_per_class >= 0; got {classes}, {per_class}, {val_per_class}")
     args = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class,
             "seed": seed, "corrupt": corrupt}
     if tuple(sides) != (96, 320):  # recorded only when not the default, so older datasets stay valid
         args["sides"] = list(sides)
+    if random_palette:
+        args["random_palette"] = True
     out = Path(out)
     manifest_path = out / "toy_manifest.json"
     if manifest_path.exists():
@@ -167,6 +173,9 @@ def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 r = np.random.default_rng([seed, sid, c, i])
+                if random_palette:  # this image's own colours, from its own stream
+                    q = np.random.default_rng([seed, sid, c, i, 1])
+                    p = dict(p, bg=q.uniform(0, 255, size=(2, 3)), fg=q.uniform(0, 255, size=3))
                 img = render(p, r, sides)
                 kind = odd.get(c * per_class + i, "jpeg") if split == "train" else "jpeg"
                 name = f"{wnid(c)}_{i}.JPEG"
@@ -202,11 +211,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corrupt", action="store_true", help="also write truncated, empty and garbage files")
     ap.add_argument("--imagenet-size", action="store_true", help="ImageNet-sized images (about 500 x 375)")
+    ap.add_argument("--random-palette", action="store_true",
+                    help="colours drawn per image: only texture and shape carry the class")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
         m = make(a.out, a.classes, a.per_class, a.val_per_class, a.seed, a.corrupt, not a.no_progress,
-                 (380, 480) if a.imagenet_size else (96, 320))
+                 (380, 480) if a.imagenet_size else (96, 320), a.random_palette)
     except (ValueError, FileExistsError) as e:
         print(f"make_toy_imagenet: error: {e}", file=sys.stderr)
         return 2
