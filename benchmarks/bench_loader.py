@@ -103,7 +103,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="loader batch (default 128, the per-GPU batch; tiny 8)")
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default 1,2; all cores on a GPU)")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--backends", default="reference,dali,ffcv", help="comma-separated (reference is the baseline)")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated (reference is the baseline; default all three, tiny: reference,dali)")
     ap.add_argument("--no-overlap", action="store_true", help="loader rows only")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -130,7 +131,7 @@ def main(argv=None) -> dict:
         assert tokenize(["--data", str(tmp / "toy"), "--out", str(tmp / "cache"), "--cfg", "base.yaml",
                          "--no-progress", "--max-reject", "0.05", *over[:5]]) == 0
         cache = TokenCache(tmp / "cache")
-        asked = a.backends.split(",")
+        asked = (a.backends or ("reference,dali" if a.tiny else "reference,dali,ffcv")).split(",")
         backends = ["reference"] + [b for b in ("dali",) if b in asked]
         why = ffcv_unavailable()
         if "ffcv" not in asked:
