@@ -87,7 +87,8 @@ def _apex_fused_adam():
 
 def optimizer_choice(choice: str, device: torch.device) -> str:
     """optim.fused: auto = Apex FusedAdam on CUDA when installed, else torch's fused AdamW;
-    apex / torch force one; none is torch's AdamW unfused (the reference's). Refuses an impossible choice naming the key."""
+    apex / torch force one; none is torch's AdamW unfused (the reference's). Refuses an
+    impossible choice naming the key."""
     have_apex, cuda = _apex_fused_adam() is not None, device.type == "cuda"
     if choice == "apex" and not (have_apex and cuda):
         raise ConfigError(f"optim.fused=apex needs NVIDIA Apex on a CUDA device (Apex installed: {have_apex}, "

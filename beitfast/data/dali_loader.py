@@ -101,7 +101,7 @@ class DaliLoader:
         from beitfast.data.loader import pipeline_args, render_error
 
         self.sampler.start_step = start_step
-        args = pipeline_args(self.cfg, self.view, self.device)
+        args = pipeline_args(self.cfg, self.view)
         source = CacheSource(self.cache.path, self.sampler, self.cfg.train.seed, self.cfg.mask.seed)
         pipe = training_pipeline(source, MaskSpec.from_config(self.cfg.mask, self.grid), batch=self.sampler.batch,
                                  gpu=self.device.type == "cuda", device_id=self.device.index or 0,

@@ -88,13 +88,23 @@ def render_args(cfg, view: str) -> dict:
     raise ValueError(f"view must be 'vit' or 'tokenizer', got {view!r}")
 
 
-def pipeline_args(cfg, view: str, device: torch.device) -> dict:
+def pipeline_args(cfg, view: str) -> dict:
     """render_args plus the DALI output type."""
     from nvidia.dali import types
 
     args = render_args(cfg, view)
     args["dtype"] = types.FLOAT16 if image_dtype(cfg) == torch.float16 else types.FLOAT
     return args
+
+
+def _sampler(cfg, n: int, where, world: int, rank: int, accum: int, error) -> StepSampler:
+    """The rank's StepSampler over n images; `error` (naming `where`) when they are fewer
+    than one global batch."""
+    sampler = StepSampler(n, cfg.train.seed, cfg.data.batch_size, world, rank, accum)
+    if sampler.steps_per_epoch == 0:
+        raise error(f"{where}: {n} images are fewer than one global batch "
+                    f"({cfg.data.batch_size} x {world} ranks x {accum} accumulation steps)")
+    return sampler
 
 
 def build_loader(cfg, cache: TokenCache | None, rank: int = 0, world: int = 1, device="cpu", accum: int = 1,
@@ -111,10 +121,7 @@ def build_loader(cfg, cache: TokenCache | None, rank: int = 0, world: int = 1, d
     if cfg.data.targets == "online":
         return _online_loader(cfg, rank, world, device, accum, view, workers, tokenizer)
     cache.check_config(cfg)  # settings, vocabulary, grid (the trainer also checks the tokenizer)
-    sampler = StepSampler(len(cache), cfg.train.seed, cfg.data.batch_size, world, rank, accum)
-    if sampler.steps_per_epoch == 0:
-        raise CacheError(f"{cache.path}: {len(cache)} images are fewer than one global batch "
-                         f"({cfg.data.batch_size} x {world} ranks x {accum} accumulation steps)")
+    sampler = _sampler(cfg, len(cache), cache.path, world, rank, accum, CacheError)
     backend = cfg.data.backend
     if backend == "dali":
         from beitfast.data.dali_loader import DaliLoader
@@ -145,10 +152,7 @@ def _online_loader(cfg, rank, world, device, accum, view, workers, tokenizer):
                          f"code); data.backend={cfg.data.backend} reads a token cache: set data.backend=reference "
                          f"or data.targets=cache")
     files, _, _ = list_imagefolder(cfg.data.root, cfg.data.split)
-    sampler = StepSampler(len(files), cfg.train.seed, cfg.data.batch_size, world, rank, accum)
-    if sampler.steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data.root}: {len(files)} images are fewer than one global batch "
-                         f"({cfg.data.batch_size} x {world} ranks x {accum} accumulation steps)")
+    sampler = _sampler(cfg, len(files), cfg.data.root, world, rank, accum, ValueError)
     loader = OnlineLoader(files, cfg, sampler, device, workers, view, tokenizer)
     grid = cfg.model.img_size // cfg.model.patch_size
     tok = loader.tokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import sys
 
 import numpy as np
@@ -97,7 +98,6 @@ class ReferenceLoader:
             it._shutdown_workers()
 
 
-
 # ----------------------------------------------------------------------------- online targets
 class OnlineDataset(torch.utils.data.Dataset):
     """`data.targets: online`, the original recipe: sample n of the rank's stream -> (ViT view,
@@ -116,15 +116,11 @@ class OnlineDataset(torch.utils.data.Dataset):
         self._masks, self._bad = None, set()
 
     def __getitem__(self, n: int):
-        import os
-
         import torchvision.transforms.functional as TF
         from PIL import Image
 
-        from beitfast.data.images import decode_rgb
+        from beitfast.data.images import BadImage, decode_rgb
         from beitfast.data.views import reference_views, sample_views
-
-        from beitfast.data.images import BadImage
 
         if self._masks is None:
             self._masks = MaskGenerator(self.spec, self.mask_seed)

@@ -126,75 +126,42 @@ def _is_diagonal(m: np.ndarray) -> bool:
 def jitter_into(out: np.ndarray, img: np.ndarray, mats: np.ndarray) -> None:
     """The view's three jitter slots on uint8 (H, W, 3) `img` into `out` (the same array is
     allowed): mats (3, 3, 4) from views.jitter_matrices, each slot out = floor(clamp(M @ rgb + T,
-    0, 255)) in float32, as Pillow's blend rounds. Slots that act per channel (brightness,
-    contrast) become 256-entry tables, consecutive ones composed into one (exact: their inputs
-    are the 256 uint8 levels), so a pixel costs table look-ups plus the one 3x3 map of the
-    saturation slot, a third of three full affine maps."""
+    0, 255)) in float32, as Pillow's blend rounds. The slots that act per channel (brightness,
+    contrast) become 256-entry tables, those before the saturation slot composed into one and
+    those after it into another (exact: their inputs are the 256 uint8 levels), so a pixel
+    costs table look-ups plus the one 3x3 map of saturation, a third of three full affine
+    maps. Precondition: at most one slot mixes channels, as jitter_matrices makes them (only
+    saturation does); a second one would replace the first."""
     lo, hi = np.float32(0.0), np.float32(255.0)
     m = mats.astype(np.float32)
-    # stages: a table (kind 0) or a 3x3 map (kind 1); at most 3
-    kinds = np.zeros(3, np.int64)
-    slot = np.zeros(3, np.int64)
-    luts = np.empty((3, 3, 256), np.uint8)
-    n = 0
+    pre = np.empty((3, 256), np.uint8)  # the tables before and after the 3x3 map
+    post = np.empty((3, 256), np.uint8)
+    for ch in range(3):
+        for v in range(256):
+            pre[ch, v] = post[ch, v] = v
+    q = np.zeros((3, 4), np.float32)  # the 3x3 map, the identity when no slot mixes channels
+    for ch in range(3):
+        q[ch, ch] = 1.0
+    seen = False
     for s in range(3):
         if _is_diagonal(m[s]):
-            if n == 0 or kinds[n - 1] != 0:
-                kinds[n] = 0
-                for ch in range(3):
-                    for v in range(256):
-                        luts[n, ch, v] = v
-                n += 1
+            t = post if seen else pre
             for ch in range(3):
-                a, t = m[s, ch, ch], m[s, ch, 3]
+                a, b = m[s, ch, ch], m[s, ch, 3]
                 for v in range(256):
-                    luts[n - 1, ch, v] = np.uint8(np.int32(min(max(a * np.float32(luts[n - 1, ch, v]) + t, lo), hi)))
+                    t[ch, v] = np.uint8(np.int32(min(max(a * np.float32(t[ch, v]) + b, lo), hi)))
         else:
-            kinds[n], slot[n] = 1, s
-            n += 1
+            q, seen = m[s], True
+    # the map's entries in locals: stores to `out` may alias arrays, locals cannot
+    q00, q01, q02, q03 = q[0, 0], q[0, 1], q[0, 2], q[0, 3]
+    q10, q11, q12, q13 = q[1, 0], q[1, 1], q[1, 2], q[1, 3]
+    q20, q21, q22, q23 = q[2, 0], q[2, 1], q[2, 2], q[2, 3]
     h, w, _ = img.shape
     a = img.reshape(h * w, 3)
     o = out.reshape(h * w, 3)
-    n_maps = 0
-    for k in range(n):
-        n_maps += kinds[k]
-    if n_maps <= 1:  # BEiT's jitter: table, saturation map, table (identities where absent)
-        pre, post = np.arange(256).astype(np.uint8), np.arange(256).astype(np.uint8)
-        pre3 = np.empty((3, 256), np.uint8)
-        post3 = np.empty((3, 256), np.uint8)
-        for ch in range(3):
-            pre3[ch], post3[ch] = pre, post
-        q = np.zeros((3, 4), np.float32)
-        for ch in range(3):
-            q[ch, ch] = 1.0
-        seen = False
-        for k in range(n):
-            if kinds[k] == 1:
-                q, seen = m[slot[k]], True
-            elif seen:
-                post3[:] = luts[k]
-            else:
-                pre3[:] = luts[k]
-        # the map's entries in locals: stores to `out` may alias arrays, locals cannot
-        q00, q01, q02, q03 = q[0, 0], q[0, 1], q[0, 2], q[0, 3]
-        q10, q11, q12, q13 = q[1, 0], q[1, 1], q[1, 2], q[1, 3]
-        q20, q21, q22, q23 = q[2, 0], q[2, 1], q[2, 2], q[2, 3]
-        for p in range(h * w):
-            fr, fg, fb = np.float32(pre3[0, a[p, 0]]), np.float32(pre3[1, a[p, 1]]), np.float32(pre3[2, a[p, 2]])
-            r = np.int32(min(max(q00 * fr + q01 * fg + q02 * fb + q03, lo), hi))
-            g = np.int32(min(max(q10 * fr + q11 * fg + q12 * fb + q13, lo), hi))
-            b = np.int32(min(max(q20 * fr + q21 * fg + q22 * fb + q23, lo), hi))
-            o[p, 0], o[p, 1], o[p, 2] = post3[0, r], post3[1, g], post3[2, b]
-        return
     for p in range(h * w):
-        r, g, b = a[p, 0], a[p, 1], a[p, 2]
-        for k in range(n):
-            if kinds[k] == 0:
-                r, g, b = luts[k, 0, r], luts[k, 1, g], luts[k, 2, b]
-            else:
-                q = m[slot[k]]
-                fr, fg, fb = np.float32(r), np.float32(g), np.float32(b)
-                r = np.uint8(np.int32(min(max(q[0, 0] * fr + q[0, 1] * fg + q[0, 2] * fb + q[0, 3], lo), hi)))
-                g = np.uint8(np.int32(min(max(q[1, 0] * fr + q[1, 1] * fg + q[1, 2] * fb + q[1, 3], lo), hi)))
-                b = np.uint8(np.int32(min(max(q[2, 0] * fr + q[2, 1] * fg + q[2, 2] * fb + q[2, 3], lo), hi)))
-        o[p, 0], o[p, 1], o[p, 2] = r, g, b
+        fr, fg, fb = np.float32(pre[0, a[p, 0]]), np.float32(pre[1, a[p, 1]]), np.float32(pre[2, a[p, 2]])
+        r = np.int32(min(max(q00 * fr + q01 * fg + q02 * fb + q03, lo), hi))
+        g = np.int32(min(max(q10 * fr + q11 * fg + q12 * fb + q13, lo), hi))
+        b = np.int32(min(max(q20 * fr + q21 * fg + q22 * fb + q23, lo), hi))
+        o[p, 0], o[p, 1], o[p, 2] = post[0, r], post[1, g], post[2, b]
