@@ -42,6 +42,9 @@ class ModelConfig:
     abs_pos_emb: bool = False
     attention: Literal["sdpa", "flex"] = "sdpa"
     kernels: Literal["auto", "apex", "triton", "torch"] = "auto"
+    # tokens: predict the masked patches' visual tokens (BEiT); pixels: regress their pixels
+    # (the model's normalised input, mean squared error), the paper's ablation
+    target: Literal["tokens", "pixels"] = "tokens"
 
 
 @dataclass
@@ -242,6 +245,101 @@ class DVAEConfig(Sections):
             raise ConfigError(f"model.downsample must be a power of two, got {m.downsample}")
         if self.train.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
+
+
+# --------------------------------------------------------------------------- fine-tuning
+@dataclass
+class FTModelConfig:
+    size: Literal["tiny", "small", "base", "large"] = "base"
+    img_size: int = 224
+    patch_size: int = 16
+    drop_path: float = 0.1
+    layer_scale_init: Optional[float] = None  # None: the size's default (0.1 base, 1e-5 large)
+    abs_pos_emb: bool = False
+    # a pretraining checkpoint of ours, the reference's (same key names), timm weights
+    # (.pth / .safetensors), or "" for a randomly initialised encoder
+    pretrained: str = ""
+    num_classes: int = 0  # 0: the number of class folders under data.root/<train_split>
+
+
+@dataclass
+class FTDataConfig:
+    root: str = "data/imagenet"
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 128  # per GPU
+    workers: int = 8  # DataLoader processes per rank (0: in-process)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # timm's transforms (REFERENCE.md section 5)
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # "" turns RandAugment off
+    reprob: float = 0.25
+    remode: str = "pixel"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre crop (1.0 at 384 px)
+    mixup: float = 0.8  # alpha (0: off)
+    cutmix: float = 1.0  # alpha (0: off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+
+
+@dataclass
+class FTOptimConfig:
+    lr: float = 4e-3  # at train.global_batch
+    min_lr: float = 1e-6
+    warmup_epochs: float = 20.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class FTTrainConfig:
+    epochs: int = 100
+    global_batch: int = 1024
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    stop_at: int = 0  # exit after the checkpoint at this step, as if killed (resume tests; 0: off)
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class FTLogConfig:
+    out_dir: str = "runs/finetune"
+    every: int = 50
+    ckpt_every_epochs: int = 1
+    progress: bool = True
+
+
+@dataclass
+class FinetuneConfig(Sections):
+    """Root config of beitfast/finetune.py."""
+
+    model: FTModelConfig = field(default_factory=FTModelConfig)
+    data: FTDataConfig = field(default_factory=FTDataConfig)
+    optim: FTOptimConfig = field(default_factory=FTOptimConfig)
+    train: FTTrainConfig = field(default_factory=FTTrainConfig)
+    log: FTLogConfig = field(default_factory=FTLogConfig)
+
+    def validate(self) -> None:
+        m, t = self.model, self.train
+        if m.img_size % m.patch_size:
+            raise ConfigError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
+        if not 0 < self.optim.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.optim.layer_decay}")
+        if t.global_batch % self.data.batch_size:
+            raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of data.batch_size "
+                              f"({self.data.batch_size})")
+        if (self.data.mixup > 0 or self.data.cutmix > 0) and self.data.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix mix a batch with its reverse: data.batch_size must be even, "
+                              f"got {self.data.batch_size}")
+        if not 0 < self.data.crop_pct <= 1:
+            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.data.crop_pct}")
 
 
 # --------------------------------------------------------------------------- YAML

@@ -89,3 +89,23 @@ def prepare_for_cache(data: bytes, name: str = "<bytes>", max_side: int = 0, qua
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
     return buf.getvalue(), img.size[1], img.size[0], reason
+
+
+def read_decodable(root: str, files: list[str], j: int, bad: set, tag: str) -> tuple[np.ndarray, int]:
+    """(RGB array, index) of files[j] under root, or of the next file in the listing that
+    decodes (a pure function of j, so resumed runs read the same images). Each unreadable
+    file is named on stderr once per `bad` set; BadImage when none decodes."""
+    import os
+    import sys
+
+    for k in range(len(files)):
+        i = (j + k) % len(files)
+        path = os.path.join(root, files[i])
+        try:
+            with open(path, "rb") as f:
+                return decode_rgb(f.read(), path), i
+        except (BadImage, OSError) as e:
+            if path not in bad:
+                bad.add(path)
+                print(f"[{tag}] skipping an unreadable image, using the next one instead: {e}", file=sys.stderr)
+    raise BadImage(root, "no image under it can be decoded")

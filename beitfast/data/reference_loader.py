@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
-import sys
 
 import numpy as np
 import torch
@@ -119,24 +117,13 @@ class OnlineDataset(torch.utils.data.Dataset):
         import torchvision.transforms.functional as TF
         from PIL import Image
 
-        from beitfast.data.images import BadImage, decode_rgb
+        from beitfast.data.images import read_decodable
         from beitfast.data.views import reference_views, sample_views
 
         if self._masks is None:
             self._masks = MaskGenerator(self.spec, self.mask_seed)
         epoch, j = self.sampler.sample(n)
-        for k in range(len(self.files)):  # a file that cannot be decoded: the next one that can
-            path = os.path.join(self.root, self.files[(j + k) % len(self.files)])
-            try:
-                with open(path, "rb") as f:
-                    arr = decode_rgb(f.read(), path)  # upright RGB, whatever the file's mode
-                break
-            except (BadImage, OSError) as e:
-                if path not in self._bad:
-                    self._bad.add(path)
-                    print(f"[online] skipping an unreadable image, using the next one instead: {e}", file=sys.stderr)
-        else:
-            raise BadImage(self.root, "no image under it can be decoded")
+        arr, _ = read_decodable(self.root, self.files, j, self._bad, "online")  # upright RGB, whatever the mode
         h, w = arr.shape[:2]
         view = sample_views(self.seed, j, h, w, 1, self.aug, first=epoch)[0]
         vit, tok = reference_views(Image.fromarray(arr), view, [(self.size, "cubic"), (self.tok_size, "lanczos")])

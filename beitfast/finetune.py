@@ -1,0 +1,490 @@
+"""Classification fine-tuning of a pretrained BEiT (the reference recipe, REFERENCE.md section 5).
+
+    torchrun --nproc_per_node 8 beitfast/finetune.py --cfg finetune_base.yaml \\
+        model.pretrained=runs/base/ckpt.pt data.root=/data/imagenet log.out_dir=runs/ft_base
+    python beitfast/finetune.py --cfg finetune_tiny.yaml model.pretrained=runs/demo/pretrain/ckpt.pt
+
+The model is timm's BEiT (mean-pooled patch tokens -> fc_norm -> linear head initialised at
+0.001 x trunc-normal 0.02, one relative-position table per block), so the fine-tuned
+weights are timm's: `ckpt.pt['model']` and `best.pt['state_dict']` load into
+`timm.create_model("beit_base_patch16_224", checkpoint_path=...)` as they are.
+`model.pretrained` takes our pretraining checkpoints and the reference's (the shared table
+is copied into every block; mask token, LM head and final norm are dropped), or timm /
+reference fine-tuned weights (.pth, .safetensors); a table of another grid (224 -> 384 px)
+is resampled with timm's `resize_rel_pos_bias_table`, the reference's interpolation.
+
+Recipe: timm's RandAugment, random erasing, Mixup/CutMix with label smoothing and
+SoftTargetCrossEntropy; AdamW with layer-wise lr decay (scale decay^(L+1-i): i = 0 for the
+embeddings, block k -> k+1, head L+1), no weight decay on 1-D parameters, biases, cls_token
+and pos_embed; per-step warm-up + cosine schedule; top-1 / top-5 on the validation split
+after every `train.eval_every_epochs`. Batches follow the pretraining's StepSampler, and each
+image's augmentation is seeded by (seed, epoch, index), so a run killed at any step resumes
+from `ckpt.pt` to the same result. Outputs in log.out_dir: config.yaml, metrics.jsonl,
+ckpt.pt (resume), best.pt (best top-1), eval.json; the last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from beitfast.config import ConfigError, FinetuneConfig, cli_config  # noqa: E402
+from beitfast.data.images import list_imagefolder, read_decodable  # noqa: E402
+from beitfast.data.sampler import StepSampler  # noqa: E402
+from beitfast.distributed import WorldSizeChanged, restore_rng, rng_states, start_run  # noqa: E402
+from beitfast.model import SIZES  # noqa: E402
+from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
+from beitfast.train import lr_at  # noqa: E402
+
+CKPT_FORMAT = "beitfast-finetune-ckpt/1"
+PROG = "finetune"
+
+
+# ----------------------------------------------------------------------------- model
+def build_classifier(m, num_classes: int) -> nn.Module:
+    """timm's BEiT of the configured size with the reference's fine-tuning head."""
+    from timm.layers import LayerNorm
+    from timm.models.beit import Beit as TimmBeit
+
+    dim, depth, heads, ls = SIZES[m.size]
+    return TimmBeit(img_size=m.img_size, patch_size=m.patch_size, num_classes=num_classes, global_pool="avg",
+                    embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0, qkv_bias=True,
+                    drop_path_rate=m.drop_path, norm_layer=partial(LayerNorm, eps=1e-6),
+                    init_values=ls if m.layer_scale_init is None else m.layer_scale_init,
+                    use_abs_pos_emb=m.abs_pos_emb, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
+                    head_init_scale=0.001)
+
+
+def read_weights(path: str) -> dict:
+    """The state dict in a weights file: ours, the reference's (under 'model'), timm's or
+    DeiT-style ('state_dict', 'module'), or .safetensors; 'module.' prefixes stripped."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.pretrained={path}: no such file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            ck = load_file(str(p))
+        else:
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"model.pretrained={path}: cannot read it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    sd = ck
+    for key in ("model", "state_dict", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"model.pretrained={path}: not a state dict of tensors (looked under 'model', "
+                         f"'state_dict', 'module')")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def pretrained_to_timm(sd: dict, model: nn.Module) -> tuple[dict, list[str]]:
+    """Map a pretraining (ours / the reference's) or timm state dict onto `model`'s names and
+    shapes. Returns (state dict, what was dropped)."""
+    from timm.models.beit import checkpoint_filter_fn
+
+    sd, dropped = dict(sd), []
+    shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None:  # the reference copies the shared table into every block
+        for i in range(len(model.blocks)):
+            sd.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared.clone())
+    own = model.state_dict()
+    for k in list(sd):
+        pretrain_only = k in ("mask_token",) or k.startswith(("lm_head.", "rel_pos_bias.")) \
+            or (k.startswith("norm.") and k not in own)
+        head_mismatch = k.startswith("head.") and (k not in own or own[k].shape != sd[k].shape)
+        if pretrain_only or head_mismatch or k.endswith("relative_position_index"):
+            dropped.append(k)
+            del sd[k]
+    return checkpoint_filter_fn(sd, model), dropped
+
+
+def load_pretrained(model: nn.Module, path: str) -> dict:
+    """Load `path` into `model`; every encoder weight must be found (the fc_norm and head may
+    start fresh). Returns what was loaded, for the log."""
+    sd, dropped = pretrained_to_timm(read_weights(path), model)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"model.pretrained={path}: its weights do not fit the configured model "
+                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                         f"check model.size / model.patch_size") from None
+    missing = [k for k in missing if not k.endswith("relative_position_index")]
+    fresh = [k for k in missing if k.startswith(("fc_norm.", "head."))]
+    lost = sorted(set(missing) - set(fresh))
+    if lost or unexpected:
+        raise ValueError(f"model.pretrained={path}: not a BEiT of the configured shape: missing "
+                         f"{lost[:6]}{'...' if len(lost) > 6 else ''}, unexpected {sorted(unexpected)[:6]}")
+    return {"pretrained": path, "tensors": len(sd), "fresh": fresh, "dropped": len(dropped)}
+
+
+def layer_id(name: str, depth: int) -> int:
+    """The reference's `get_num_layer_for_vit`: embeddings 0, block k -> k + 1, rest depth + 1."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups with `lr_scale` = layer_decay^(depth + 1 - layer_id) and the
+    reference's weight-decay rule (none for 1-D, biases, cls_token and pos_embed)."""
+    depth = len(model.blocks)
+    skip = {"cls_token", "pos_embed"}
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name in skip
+        lid = layer_id(name, depth)
+        g = groups.setdefault((lid, no_decay), {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                "lr_scale": layer_decay ** (depth + 1 - lid)})
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+# ----------------------------------------------------------------------------- data
+@contextlib.contextmanager
+def seeded(seed_seq: list[int]):
+    """Run with python's, numpy's and torch's global generators seeded from `seed_seq` (timm's
+    transforms draw from them), restoring their states afterwards."""
+    s = np.random.SeedSequence(seed_seq).generate_state(2)
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(int(s[0]))
+        np.random.seed(int(s[1]))
+        torch.manual_seed(int(s[0]) ^ int(s[1]))
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def build_transforms(d, img_size: int):
+    """timm's training transform (RandomResizedCrop, flip, RandAugment, normalise, random
+    erasing) and eval transform (resize to img_size / crop_pct, centre crop)."""
+    from timm.data import create_transform
+
+    train = create_transform(img_size, is_training=True, scale=d.crop_scale, hflip=0.5, color_jitter=0.4,
+                             auto_augment=d.auto_augment or None, interpolation=d.interpolation,
+                             mean=d.mean, std=d.std, re_prob=d.reprob, re_mode=d.remode, re_count=1)
+    val = create_transform(img_size, is_training=False, interpolation=d.interpolation, mean=d.mean, std=d.std,
+                           crop_pct=d.crop_pct)
+    return train, val
+
+
+class TrainStream(torch.utils.data.Dataset):
+    """Sample n of the rank's stream -> (image, label). The augmentation of image j in epoch e
+    is seeded by (seed, e, j), so it does not depend on which worker renders it; a file that
+    cannot be decoded is named once and replaced by the next decodable one (with its label)."""
+
+    def __init__(self, root: str, files: list[str], labels: np.ndarray, sampler: StepSampler, transform, seed: int):
+        self.root, self.files, self.labels, self.sampler, self.transform, self.seed = \
+            root, files, labels, sampler, transform, seed
+        self._bad: set = set()
+
+    def __getitem__(self, n: int):
+        from PIL import Image
+
+        epoch, j = self.sampler.sample(n)
+        arr, j = read_decodable(self.root, self.files, j, self._bad, PROG)
+        with seeded([self.seed, epoch, j]):
+            x = self.transform(Image.fromarray(arr))
+        return x, int(self.labels[j])
+
+    def __len__(self):
+        return 1 << 62
+
+
+class EvalSet(torch.utils.data.Dataset):
+    """The validation images of one rank (every world-th); an undecodable one has label -1 and
+    is left out of the counts (named on stderr)."""
+
+    def __init__(self, root: str, files: list[str], labels: np.ndarray, transform, size: int):
+        self.root, self.files, self.labels, self.transform, self.size = root, files, labels, transform, size
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        from beitfast.data.images import BadImage, decode_rgb
+
+        path = os.path.join(self.root, self.files[i])
+        try:
+            with open(path, "rb") as f:
+                arr = decode_rgb(f.read(), path)
+        except (BadImage, OSError) as e:
+            print(f"[{PROG}] validation image left out: {e}", file=sys.stderr)
+            return torch.zeros(3, self.size, self.size), -1
+        return self.transform(Image.fromarray(arr)), int(self.labels[i])
+
+    def __len__(self):
+        return len(self.files)
+
+
+class _Counting(torch.utils.data.Sampler):
+    def __iter__(self):
+        import itertools
+
+        return itertools.count()
+
+
+def train_batches(ds: TrainStream, batch: int, workers: int, cuda: bool):
+    # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global
+    # generator, which drop path also draws from, so a resumed run would drift by one draw
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=_Counting(), num_workers=workers,
+                                     pin_memory=cuda, generator=torch.Generator().manual_seed(ds.seed))
+    return iter(dl)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: EvalSet, rank: int, world: int, device, batch: int, workers: int, amp,
+             progress: bool = False) -> dict:
+    """Top-1 / top-5 accuracy and mean cross-entropy over the validation split (all ranks)."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    model.eval()
+    sub = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
+    dl = torch.utils.data.DataLoader(sub, batch_size=batch, num_workers=workers, generator=torch.Generator())
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, n
+    for x, y in tqdm(dl, desc="eval", leave=False, disable=not progress):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        keep = y >= 0
+        if not keep.any():
+            continue
+        with amp():
+            logits = model(x[keep]).float()
+        y = y[keep]
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.stack([(top[:, 0] == y).sum().double(), (top == y[:, None]).any(1).sum().double(),
+                             F.cross_entropy(logits, y, reduction="sum").double(),
+                             torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+    if world > 1:
+        dist.all_reduce(sums)
+    c1, c5, loss, n = sums.tolist()
+    model.train()
+    if n == 0:
+        raise ValueError(f"no decodable validation image under {ds.root}")
+    return {"acc1": 100 * c1 / n, "acc5": 100 * c5 / n, "loss": loss / n, "images": int(n)}
+
+
+# ----------------------------------------------------------------------------- training
+def _amp(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return partial(torch.autocast, device.type, dtype=dtype)
+
+
+def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, out: Path) -> dict:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from tqdm import tqdm
+
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    files, labels, classes = list_imagefolder(d.root, d.train_split)
+    vfiles, vlabels, vclasses = list_imagefolder(d.root, d.val_split)
+    if vclasses != classes:
+        raise ValueError(f"{d.root}: the class folders of '{d.val_split}' differ from those of '{d.train_split}'")
+    num_classes = cfg.model.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise ConfigError(f"model.num_classes={num_classes} but {d.root}/{d.train_split} has {len(classes)} classes")
+    accum = t.global_batch // (d.batch_size * world)
+    if accum < 1 or accum * d.batch_size * world != t.global_batch:
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be data.batch_size ({d.batch_size}) x "
+                          f"{world} process(es) x a whole number of accumulation steps")
+    sampler = StepSampler(len(files), t.seed, d.batch_size, world, rank, accum)
+    if sampler.steps_per_epoch < 1:
+        raise ConfigError(f"{d.root}/{d.train_split} has {len(files)} images, fewer than one global batch "
+                          f"({t.global_batch})")
+    spe = sampler.steps_per_epoch
+    total, warmup = t.epochs * spe, int(round(o.warmup_epochs * spe))
+
+    torch.manual_seed(t.seed)  # the same initial head (and encoder, without weights) on every rank
+    model = build_classifier(cfg.model, num_classes)
+    loaded = load_pretrained(model, cfg.model.pretrained) if cfg.model.pretrained else {"pretrained": None}
+    model.to(device)
+    groups = layer_decay_groups(model, o.weight_decay, o.layer_decay)
+    scales = [g["lr_scale"] for g in groups]
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=o.lr,
+                            betas=o.betas, eps=o.eps, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    mixup = None
+    if d.mixup > 0 or d.cutmix > 0:
+        mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
+                      mode="batch", label_smoothing=d.smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif d.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(d.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    ckpt_path, step, best = out / "ckpt.pt", 0, None
+    if ckpt_path.exists():
+        ck = read_checkpoint(ckpt_path, CKPT_FORMAT, "move it away to start over")
+        if ck["config"]["train"]["global_batch"] != t.global_batch:
+            raise ConfigError(f"{ckpt_path} was trained with train.global_batch={ck['config']['train']['global_batch']}; "
+                              f"resume with the same value")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        step, best = ck["step"], ck.get("best")
+        restore_rng(ck["rng_states"], rank, world, device)
+        if rank == 0:
+            print(f"[{PROG}] resumed from {ckpt_path} at step {step} of {total}")
+    elif rank == 0:
+        print(f"[{PROG}] {cfg.model.size} BEiT at {cfg.model.img_size} px, {num_classes} classes, "
+              f"weights: {loaded['pretrained'] or 'random init'}; {len(files)} train / {len(vfiles)} val images, "
+              f"{total} steps of {t.global_batch}")
+    if rank == 0:
+        reset_metrics(out / "metrics.jsonl", step)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_tf, val_tf = build_transforms(d, cfg.model.img_size)
+    ds = TrainStream(d.root, files, labels, sampler, train_tf, t.seed)
+    vds = EvalSet(d.root, vfiles, vlabels, val_tf, cfg.model.img_size)
+    sampler.start_step = step
+    it = train_batches(ds, d.batch_size, d.workers, device.type == "cuda")
+    amp = _amp(t.precision, device)
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=total, initial=step, desc=PROG, unit="step", disable=rank != 0 or not cfg.log.progress)
+    win = {"loss": torch.zeros((), device=device), "steps": 0, "t": time.perf_counter()}
+    last_eval = None
+    net.train()
+    try:
+        while step < total:
+            lr = lr_at(step, total, warmup, o.lr, o.min_lr)
+            for g, s in zip(opt.param_groups, scales):
+                g["lr"] = lr * s
+            for micro in range(accum):
+                x, y = next(it)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if mixup is not None:  # timm's Mixup draws from numpy's global generator
+                    with seeded([t.seed, step, micro, world, rank, 1]):
+                        x, y = mixup(x, y)
+                sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else net.no_sync()
+                with sync:
+                    with amp():
+                        loss = criterion(net(x), y)
+                    scaler.scale(loss / accum).backward()
+                win["loss"] += loss.detach().float() / accum
+            if o.clip_grad:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            win["steps"] += 1
+            bar.update()
+            epoch_end = step % spe == 0
+            if step % cfg.log.every == 0 or epoch_end or step == total:
+                loss_v = win["loss"].item() / win["steps"]
+                if not math.isfinite(loss_v):
+                    raise FloatingPointError(f"the loss is {loss_v} at step {step}; lower optim.lr")
+                dt = time.perf_counter() - win["t"]
+                row = {"kind": "train", "step": step, "epoch": (step - 1) // spe, "loss": round(loss_v, 5),
+                       "lr": lr, "images_per_s": round(win["steps"] * t.global_batch / dt, 2)}
+                if rank == 0:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{loss_v:.3f}")
+                win = {"loss": torch.zeros((), device=device), "steps": 0, "t": time.perf_counter()}
+            epoch = step // spe
+            if (epoch_end and epoch % t.eval_every_epochs == 0) or step == total:
+                last_eval = evaluate(model, vds, rank, world, device, d.batch_size, d.workers, amp)
+                row = {"kind": "eval", "step": step, "epoch": epoch, **{k: round(v, 4) for k, v in last_eval.items()}}
+                if best is None or last_eval["acc1"] > best["acc1"]:
+                    best = {"acc1": last_eval["acc1"], "acc5": last_eval["acc5"], "epoch": epoch, "step": step}
+                    if rank == 0:
+                        atomic_save({"state_dict": model.state_dict(), "epoch": epoch, "acc1": best["acc1"],
+                                     "num_classes": num_classes, "classes": classes}, out / "best.pt")
+                if rank == 0:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.write(f"[{PROG}] epoch {epoch} (step {step}): top-1 {last_eval['acc1']:.2f}%, "
+                              f"top-5 {last_eval['acc5']:.2f}% on {last_eval['images']} images")
+            if (epoch_end and epoch % cfg.log.ckpt_every_epochs == 0) or step == total or step == t.stop_at:
+                states = rng_states(world, device)
+                if rank == 0:
+                    atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "scaler": scaler.state_dict(), "step": step, "best": best, "rng_states": states,
+                                 "world_size": world, "config": cfg.to_dict(), "classes": classes}, ckpt_path)
+                if step == t.stop_at:
+                    break
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        del it
+    if step < total:
+        return {"stopped_at": step}
+    if last_eval is None:  # resumed at the very end: the last eval row is in the log
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        last_eval = [r for r in rows if r["kind"] == "eval"][-1]
+    res = {"acc1": round(last_eval["acc1"], 3), "acc5": round(last_eval["acc5"], 3),
+           "best_acc1": round(best["acc1"], 3), "best_epoch": best["epoch"], "steps": step,
+           "pretrained": cfg.model.pretrained or None, "out": str(out)}
+    if rank == 0:
+        (out / "eval.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="finetune.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--cfg", default="finetune_base.yaml", help="fine-tuning config (configs/finetune_*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    a = ap.parse_args(argv)
+    try:
+        cfg = cli_config(["--cfg", a.cfg, *a.overrides], schema=FinetuneConfig)
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    started = start_run(cfg, PROG)
+    if started is None:
+        return 2
+    world, rank, device, out = started
+    try:
+        res = finetune(cfg, world, rank, device, out)
+    except (ConfigError, FileNotFoundError, ValueError, WorldSizeChanged) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"{PROG}: {e}; {out / 'ckpt.pt'} is the last good checkpoint", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
