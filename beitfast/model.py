@@ -41,12 +41,14 @@ class BeitArgs:
     attention: str = "sdpa"  # sdpa | flex
     kernels: str = "auto"
     depth: int | None = None  # override the size's depth (tests, benchmarks)
+    target: str = "tokens"  # tokens | pixels (regress the masked patches' pixels: the paper's ablation)
 
     @classmethod
     def from_config(cls, m) -> "BeitArgs":
         return cls(size=m.size, img_size=m.img_size, patch_size=m.patch_size, vocab_size=m.vocab_size,
                    drop_path=m.drop_path, layer_scale_init=m.layer_scale_init, rel_pos_bias=m.rel_pos_bias,
-                   abs_pos_emb=m.abs_pos_emb, attention=m.attention, kernels=m.kernels)
+                   abs_pos_emb=m.abs_pos_emb, attention=m.attention, kernels=m.kernels,
+                   target=m.target)
 
 
 def relative_position_index(h: int, w: int) -> torch.Tensor:
@@ -195,7 +197,7 @@ class Beit(nn.Module):
         per_block = self.grid if a.rel_pos_bias == "per_block" else None
         self.blocks = nn.ModuleList(Block(dim, heads, dpr[i], ls, per_block, a.attention, a.kernels) for i in range(depth))
         self.norm = LayerNorm(dim, impl=a.kernels)
-        self.lm_head = nn.Linear(dim, a.vocab_size)
+        self.lm_head = nn.Linear(dim, a.vocab_size if a.target == "tokens" else 3 * a.patch_size ** 2)
         self._init()
 
     def _init(self):
@@ -248,10 +250,24 @@ class Beit(nn.Module):
         masked gather reads the count on the host once."""
         h = self.norm(self.forward_features(x, mask))[:, 1:]  # (B, N, D), cls dropped
         b = h.shape[0]
+        if self.args.target == "pixels":
+            return self.pixel_loss(h, x, mask)
         loss, correct, n = kernels.masked_head(h, mask.reshape(b, -1), self.lm_head.weight, self.lm_head.bias,
                                                targets.reshape(b, -1), self.args.kernels,
                                                None if max_masked is None else b * max_masked)
         return {"loss": loss, "correct": correct, "n_masked": n}
+
+    def pixel_loss(self, h, x, mask) -> dict:
+        """The pixel-regression ablation: mean squared error between the head's output and the
+        masked patches' pixels of the (normalised) input, each patch flattened (c, y, x);
+        weighted by the mask, so shapes stay static."""
+        b, p = x.shape[0], self.args.patch_size
+        gh, gw = self.grid
+        tgt = x.float().reshape(b, 3, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, 3 * p * p)
+        err = (self.lm_head(h).float() - tgt).pow(2).mean(-1)
+        m = mask.reshape(b, -1).float()
+        n = m.sum()
+        return {"loss": (err * m).sum() / n.clamp_min(1), "correct": torch.zeros((), device=x.device), "n_masked": n}
 
     def masked_logits(self, x, mask):
         """(n_masked, vocab) logits of the masked positions (unfused; for tests and eval)."""

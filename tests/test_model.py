@@ -312,3 +312,25 @@ def test_bf16_fused_matches_unfused_per_tensor_at_large_layer_scale():
     assert out["triton"][1].keys() == out["torch"][1].keys() and len(out["torch"][1]) > 20
     errs = {n: _rel(out["triton"][1][n], g) for n, g in out["torch"][1].items() if g.norm() > 0}
     assert max(errs.values()) < 2e-2, sorted(errs.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_pixel_target_regresses_the_masked_patches():
+    """model.target=pixels (the paper's ablation): the loss equals the mean squared error
+    between the head's outputs and the masked patches' pixels, computed patch by patch."""
+    from beitfast.model import Beit, BeitArgs
+
+    torch.manual_seed(int(torch.randint(1 << 20, (1,))))
+    m = Beit(BeitArgs(size="tiny", img_size=32, patch_size=8, vocab_size=16, target="pixels", depth=2)).eval()
+    assert m.lm_head.out_features == 192
+    x = torch.randn(3, 3, 32, 32)
+    mask = torch.rand(3, 4, 4) < 0.4
+    mask[0, 0, 0] = True
+    out = m(x, mask, torch.zeros(3, 4, 4, dtype=torch.long))
+    with torch.no_grad():
+        pred = m.lm_head(m.norm(m.forward_features(x, mask))[:, 1:])
+        errs = []
+        for b, i, j in mask.nonzero().tolist():
+            patch = x[b, :, 8 * i:8 * i + 8, 8 * j:8 * j + 8].reshape(-1)
+            errs.append(((pred[b, 4 * i + j] - patch) ** 2).mean())
+    torch.testing.assert_close(out["loss"].detach(), torch.stack(errs).mean())
+    assert int(out["n_masked"]) == int(mask.sum())
