@@ -342,6 +342,98 @@ class FinetuneConfig(Sections):
             raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.data.crop_pct}")
 
 
+# --------------------------------------------------------------------------- segmentation
+@dataclass
+class SegModelConfig:
+    size: Literal["tiny", "small", "base", "large"] = "base"
+    img_size: int = 512  # the crop the model is built for (rel-pos tables interpolated to it)
+    patch_size: int = 16
+    drop_path: float = 0.1
+    layer_scale_init: Optional[float] = None
+    abs_pos_emb: bool = False
+    pretrained: str = ""  # as finetune's model.pretrained; "" = random init
+    head: Literal["upernet", "setr_pup"] = "upernet"
+    channels: int = 768  # decode head width (UperNet 768 in the reference's BEiT-B config; PUP 256)
+    out_indices: tuple[int, int, int, int] = (3, 5, 7, 11)  # blocks 4, 6, 8, 12 (base)
+    aux_weight: float = 0.4  # FCN auxiliary head on the third feature map (0: none)
+
+
+@dataclass
+class SegDataConfig:
+    root: str = "data/ade20k"  # ADEChallengeData2016 layout: images/ and annotations/{training,validation}
+    train_split: str = "training"
+    val_split: str = "validation"
+    num_classes: int = 150
+    reduce_zero_label: bool = True  # label 0 (unlabelled) -> ignored, k -> k - 1
+    img_scale: tuple[int, int] = (2048, 512)  # (long, short) bound of the resize, before the ratio
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    batch_size: int = 2  # per GPU
+    workers: int = 4
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SegOptimConfig:
+    lr: float = 7e-4
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0  # poly decay
+    min_lr: float = 0.0
+
+
+@dataclass
+class SegTrainConfig:
+    iters: int = 160_000
+    global_batch: int = 16
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    stop_at: int = 0  # exit after the checkpoint at this iteration (resume tests; 0: off)
+    eval_every: int = 16_000
+    stride: int = 341  # slide inference: window = model.img_size, this stride
+
+
+@dataclass
+class SegLogConfig:
+    out_dir: str = "runs/seg"
+    every: int = 50
+    ckpt_every: int = 4000
+    progress: bool = True
+
+
+@dataclass
+class SegConfig(Sections):
+    """Root config of beitfast/segment.py."""
+
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    train: SegTrainConfig = field(default_factory=SegTrainConfig)
+    log: SegLogConfig = field(default_factory=SegLogConfig)
+
+    def validate(self) -> None:
+        m = self.model
+        if m.img_size % (2 * m.patch_size):
+            raise ConfigError(f"model.img_size ({m.img_size}) must be a multiple of 2 x model.patch_size "
+                              f"({2 * m.patch_size}): the last feature map is pooled to stride 2 x patch")
+        from beitfast.model import SIZES
+
+        depth = SIZES[m.size][1]
+        bad = [i for i in m.out_indices if not 0 <= i < depth]
+        if bad or list(m.out_indices) != sorted(m.out_indices):
+            raise ConfigError(f"model.out_indices must be increasing block indices in 0..{depth - 1}, got {m.out_indices}")
+        if not 0 < self.train.stride <= m.img_size:
+            raise ConfigError(f"train.stride must be in 1..model.img_size ({m.img_size}), got {self.train.stride}")
+        if self.train.global_batch % self.data.batch_size:
+            raise ConfigError(f"train.global_batch ({self.train.global_batch}) must be a multiple of data.batch_size "
+                              f"({self.data.batch_size})")
+
+
 # --------------------------------------------------------------------------- YAML
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-3` (no dot) as a float, as people write it."""

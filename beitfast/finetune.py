@@ -109,7 +109,9 @@ def pretrained_to_timm(sd: dict, model: nn.Module) -> tuple[dict, list[str]]:
         pretrain_only = k in ("mask_token",) or k.startswith(("lm_head.", "rel_pos_bias.")) \
             or (k.startswith("norm.") and k not in own)
         head_mismatch = k.startswith("head.") and (k not in own or own[k].shape != sd[k].shape)
-        if pretrain_only or head_mismatch or k.endswith("relative_position_index"):
+        pruned = k not in own and (k.startswith("fc_norm.") or  # a backbone without head or later blocks
+                                   (k.startswith("blocks.") and int(k.split(".")[1]) >= len(model.blocks)))
+        if pretrain_only or head_mismatch or pruned or k.endswith("relative_position_index"):
             dropped.append(k)
             del sd[k]
     return checkpoint_filter_fn(sd, model), dropped

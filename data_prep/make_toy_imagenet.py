@@ -54,8 +54,9 @@ def class_params(c: int, seed: int) -> dict:
     }
 
 
-def render(p: dict, r: np.random.Generator, sides: tuple[int, int] = (96, 320)) -> np.ndarray:
-    """One RGB uint8 image (H, W, 3) of a class with parameters `p`."""
+def render(p: dict, r: np.random.Generator, sides: tuple[int, int] = (96, 320), with_shape: bool = False):
+    """One RGB uint8 image (H, W, 3) of a class with parameters `p`; with `with_shape`, also
+    the boolean (H, W) map of its foreground shape (all False for shape 'none')."""
     side = r.uniform(*sides)
     ar = np.exp(r.uniform(np.log(0.6), np.log(1.7)))
     h, w = int(side / np.sqrt(ar)), int(side * np.sqrt(ar))
@@ -94,8 +95,11 @@ def render(p: dict, r: np.random.Generator, sides: tuple[int, int] = (96, 320)) 
         else:
             inside = (yy > cy - rad) & (yy < cy + rad) & (np.abs(xx - cx) < (yy - (cy - rad)) / 2)
         img[inside] = np.clip(p["fg"] + r.normal(0, 10, 3), 0, 255)
+    else:
+        inside = np.zeros((h, w), bool)
     img += r.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return (img, inside) if with_shape else img
 
 
 def encode(img: np.ndarray, kind: str) -> bytes:
@@ -202,6 +206,83 @@ def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class
     return manifest
 
 
+# ----------------------------------------------------------------------------- segmentation
+SEG_FORMAT = "beitfast-toy-ade20k/1"
+# label values as ADE20K stores them: 0 = unlabelled (ignored after reduce_zero_label), then
+# the classes; the background is labelled by its texture, the foreground by its shape
+SEG_CLASSES = [f"{t} background" for t in TEXTURES] + [f"{s} shape" for s in SHAPES[:3]]
+
+
+def seg_labels(p: dict, inside: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) label map in ADE20K's values: 1 + texture index for the background,
+    1 + len(TEXTURES) + shape index inside the shape, 0 on a one-pixel ring along the
+    shape's edge (unlabelled, as ADE20K leaves object borders)."""
+    lab = np.full(inside.shape, 1 + TEXTURES.index(p["texture"]), np.uint8)
+    if inside.any():
+        lab[inside] = 1 + len(TEXTURES) + SHAPES.index(p["shape"])
+        pad = np.pad(inside, 1, mode="edge")
+        grow = np.zeros_like(inside)
+        shrink = np.ones_like(inside)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                v = pad[dy:dy + inside.shape[0], dx:dx + inside.shape[1]]
+                grow |= v
+                shrink &= v
+        lab[grow & ~shrink] = 0
+    return lab
+
+
+def make_segmentation(out: Path | str, train: int = 300, val: int = 60, classes: int = 10, seed: int = 0,
+                      random_palette: bool = True, sides: tuple[int, int] = (96, 320), progress: bool = True) -> dict:
+    """Write a toy semantic-segmentation set in ADE20K's layout (atomically):
+    ``OUT/images/{training,validation}/toy_<n>.jpg`` and ``OUT/annotations/.../toy_<n>.png``
+    (8-bit label maps, 0 = unlabelled). Image n draws the toy class n % classes, so the
+    background's texture and the shape's kind follow the classification toy set; with
+    `random_palette` (default) colours say nothing, so a model must see texture and shape.
+    Deterministic; returns the manifest (``OUT/toy_seg_manifest.json``)."""
+    if train < 1 or val < 1:
+        raise ValueError(f"need at least one training and one validation image, got {train}, {val}")
+    args = {"train": train, "val": val, "classes": classes, "seed": seed, "random_palette": random_palette,
+            "sides": list(sides)}
+    out = Path(out)
+    man_path = out / "toy_seg_manifest.json"
+    if man_path.exists():
+        old = json.loads(man_path.read_text())
+        if old.get("args") == args and old.get("format") == SEG_FORMAT:
+            return old
+        raise FileExistsError(f"{out} holds a toy segmentation set made with other arguments ({old.get('args')}); "
+                              f"remove it or choose another --out")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    from tqdm import tqdm
+
+    counts = np.zeros(len(SEG_CLASSES) + 1, np.int64)
+    bar = tqdm(total=train + val, desc=f"toy ade20k -> {out}", unit="img", disable=not progress)
+    for split, n, sid in (("training", train, 2), ("validation", val, 3)):
+        (tmp / "images" / split).mkdir(parents=True)
+        (tmp / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            c = i % classes
+            p = class_params(c, seed)
+            if random_palette:
+                q = np.random.default_rng([seed, sid, c, i, 1])
+                p = dict(p, bg=q.uniform(0, 255, size=(2, 3)), fg=q.uniform(0, 255, size=3))
+            img, inside = render(p, np.random.default_rng([seed, sid, c, i]), sides, with_shape=True)
+            lab = seg_labels(p, inside)
+            counts += np.bincount(lab.ravel(), minlength=len(counts))
+            Image.fromarray(img).save(tmp / "images" / split / f"toy_{i:05d}.jpg", quality=90)
+            Image.fromarray(lab).save(tmp / "annotations" / split / f"toy_{i:05d}.png")
+            bar.update()
+    bar.close()
+    manifest = {"format": SEG_FORMAT, "args": args, "classes": SEG_CLASSES, "counts": {"training": train, "validation": val},
+                "pixels_per_label": counts.tolist()}
+    (tmp / "toy_seg_manifest.json").write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return manifest
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -213,8 +294,20 @@ def main(argv=None) -> int:
     ap.add_argument("--imagenet-size", action="store_true", help="ImageNet-sized images (about 500 x 375)")
     ap.add_argument("--random-palette", action="store_true",
                     help="colours drawn per image: only texture and shape carry the class")
+    ap.add_argument("--segmentation", action="store_true",
+                    help="write the toy semantic-segmentation set instead (ADE20K layout: --per-class is the "
+                         "number of training images, --val-per-class of validation images)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.segmentation:
+        try:
+            m = make_segmentation(a.out, a.per_class, a.val_per_class, a.classes, a.seed, True,
+                                  (380, 480) if a.imagenet_size else (96, 320), not a.no_progress)
+        except (ValueError, FileExistsError) as e:
+            print(f"make_toy_imagenet: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {m['counts']} images with label maps ({len(m['classes'])} classes) to {a.out}")
+        return 0
     try:
         m = make(a.out, a.classes, a.per_class, a.val_per_class, a.seed, a.corrupt, not a.no_progress,
                  (380, 480) if a.imagenet_size else (96, 320), a.random_palette)
