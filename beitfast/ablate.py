@@ -69,7 +69,7 @@ def make_cache(root: Path, out: Path, k: int, tok: Path, progress: bool) -> Path
 
     cache = out / f"cache_k{k}"
     args = ["--data", str(root), "--out", str(cache), "--cfg", "tiny.yaml", "--views", str(k), "--shard-size", "256",
-            "--max-reject", "0.05", f"tokenizer.path={tok}", f"data.views={k}"]
+            "--max-reject", "0.1", f"tokenizer.path={tok}", f"data.views={k}"]
     if tokenize(args + ([] if progress else ["--no-progress"])) != 0:
         raise RuntimeError(f"tokenizing {root} with K={k} failed")
     return cache

@@ -28,6 +28,17 @@ def toy_root(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def small_toy(tmp_path_factory):
+    """A smaller toy ImageNet (4 classes x 10 train, 3 val; 3 corrupt train files) for the
+    evaluation CLIs' end-to-end tests."""
+    from data_prep.make_toy_imagenet import make
+
+    out = tmp_path_factory.mktemp("small_toy") / "imagenet"
+    make(out, classes=4, per_class=10, val_per_class=3, seed=2, corrupt=True, progress=False)
+    return out
+
+
 VOCAB = 96  # the tiny test tokenizer's vocabulary
 
 
