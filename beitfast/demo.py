@@ -2,8 +2,11 @@
 
     python -m beitfast.demo --out runs/demo
 
-Stages run in data-flow order and each prints where its outputs are. A stage whose output
-is already there is reused, so a second run is quick.
+Stages run in data-flow order and each prints where its outputs are: the toy datasets, the
+masks, the tiny dVAE, the token cache, pretraining, then the evidence (linear probes of the
+pretrained encoder, a random one and raw pixels; a short fine-tune of the pretrained and the
+random encoder; attention maps; segmentation fine-tuning of both). A stage whose output is already there is reused, so a
+second run is quick. Everything measured goes to <out>/summary.json.
 """
 from __future__ import annotations
 
@@ -21,17 +24,28 @@ from beitfast.masking import MaskGenerator, MaskSpec
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def stage_dataset(out: Path) -> Path:
+PRETRAIN_EPOCHS = 6  # the ablation's budget (beitfast/ablate.py --epochs), so the demo is its k4 arm, seed 0
+FT_EPOCHS = 2
+
+
+def stage_dataset(out: Path) -> tuple[Path, Path]:
+    """Two toy ImageNets of the same classes: with a random palette per image (pretraining and
+    the linear probe: only texture and shape tell the classes apart) and with the class
+    palettes (the short fine-tune, a labelled downstream set)."""
     from data_prep.make_toy_imagenet import make
 
-    root = ROOT / "data" / "toy_imagenet"
-    m = make(root, classes=10, per_class=100, val_per_class=20, seed=0, corrupt=True)
-    print(f"[demo] toy ImageNet: {m['counts']} images, {len(m['odd'])} odd files -> {root}")
-    return root
+    roots = []
+    for name, rp in (("toy_imagenet_rp", True), ("toy_imagenet", False)):
+        root = ROOT / "data" / name
+        m = make(root, classes=10, per_class=100, val_per_class=20, seed=0, corrupt=True, random_palette=rp)
+        print(f"[demo] toy ImageNet ({'random palette per image' if rp else 'class palettes'}): {m['counts']} "
+              f"images, {len(m['odd'])} odd files -> {root}")
+        roots.append(root)
+    return roots[0], roots[1]
 
 
 def stage_config(out: Path, data_root: Path):
-    cfg = load_config("tiny", [f"data.root={data_root}", f"log.out_dir={out}"])
+    cfg = load_config("tiny", [f"data.root={data_root}", f"log.out_dir={out}", f"train.epochs={PRETRAIN_EPOCHS}"])
     cfg.dump(out / "config.yaml")
     print(f"[demo] resolved config (configs/tiny.yaml) -> {out / 'config.yaml'}")
     return cfg
@@ -84,6 +98,14 @@ def stage_dvae(out: Path, data_root: Path) -> dict:
 
     run = out / "dvae_tiny"
     tok_path = run / "tokenizer.pt"
+    if (run / "config.yaml").exists():
+        import shutil
+
+        import yaml
+
+        if yaml.safe_load((run / "config.yaml").read_text())["data"]["root"] != str(data_root):
+            print(f"[demo] {run} was trained on another dataset (an older version of the demo): training again")
+            shutil.rmtree(run)
     if not tok_path.exists():
         from data_prep.train_dvae import main as train_dvae
 
@@ -194,8 +216,10 @@ def stage_pretrain(out: Path, cache: Path, tok_path: Path, fresh: bool = False) 
 
         print(f"[demo] the cache was rebuilt: pretraining again from scratch ({run} removed)")
         shutil.rmtree(run)
-    print(f"[demo] pretraining tiny BEiT on {cache} (configs/tiny.yaml; a few minutes on 2 cores)")
-    args = ["--cfg", "tiny.yaml", f"data.cache={cache}", f"tokenizer.path={tok_path}", f"log.out_dir={run}"]
+    print(f"[demo] pretraining tiny BEiT on {cache} (configs/tiny.yaml, {PRETRAIN_EPOCHS} epochs; about 2 minutes "
+          f"on 2 cores)")
+    args = ["--cfg", "tiny.yaml", f"data.cache={cache}", f"tokenizer.path={tok_path}", f"log.out_dir={run}",
+            f"train.epochs={PRETRAIN_EPOCHS}"]
     code = train(args)
     if code == 2 and (run / "ckpt.pt").exists():  # the demo's own run, from an older version
         import shutil
@@ -228,6 +252,74 @@ def stage_pretrain(out: Path, cache: Path, tok_path: Path, fresh: bool = False) 
             "mim_acc_steps": span, "steps": rows[-1]["step"]}
 
 
+def stage_evaluate(out: Path, rp_root: Path, palette_root: Path, ckpt: Path) -> dict:
+    """The evidence that pretraining works: the linear probe of the pretrained encoder, of a
+    randomly initialised one and of raw pixels on the random-palette validation split; a short
+    fine-tune of the pretrained and the random encoder on the palette toy set; attention maps."""
+    from beitfast.finetune import main as finetune
+    from beitfast.linprobe import main as linprobe
+    from beitfast.visualize import main as visualize
+
+    res = {"linear_probe": {}, "finetune": {}, "attention": {}}
+    print(f"[demo] linear probes on {rp_root} (frozen encoders, one head per block, best block reported)")
+    for name, what in (("pretrained", ["--ckpt", str(ckpt)]), ("random", ["--ckpt", "random"]), ("pixels", ["--pixels"])):
+        d = out / "probe" / name
+        if linprobe(["--data", str(rp_root), "--out", str(d), "--no-progress", *what]) != 0:
+            raise SystemExit(f"[demo] the {name} linear probe failed")
+        p = json.loads((d / "probe.json").read_text())
+        res["linear_probe"][name] = {"acc": p["acc"], "best_block": p["best_block"], "val_images": p["val_images"]}
+    for name, weights in (("pretrained", str(ckpt)), ("random", "")):
+        d = out / "finetune" / name
+        print(f"[demo] fine-tuning the {name} encoder on {palette_root} (configs/finetune_tiny.yaml, {FT_EPOCHS} "
+              f"epochs; about a minute)")
+        if finetune(["--cfg", "finetune_tiny.yaml", f"data.root={palette_root}", f"log.out_dir={d}",
+                     f"model.pretrained={weights}", f"train.epochs={FT_EPOCHS}"]) != 0:
+            raise SystemExit(f"[demo] fine-tuning the {name} encoder failed")
+        e = json.loads((d / "eval.json").read_text())
+        res["finetune"][name] = {"acc1": e["acc1"], "acc5": e["acc5"], "epochs": FT_EPOCHS}
+    for name, weights in (("pretrained", str(ckpt)), ("random", "random")):
+        d = out / "attention" / name
+        if visualize(["--ckpt", weights, "--data", str(rp_root), "--out", str(d), "--images", "4", "--no-progress"]) != 0:
+            raise SystemExit("[demo] drawing the attention maps failed")
+        res["attention"][name] = json.loads((d / "attention.json").read_text())["mean_entropy"]
+    lp, ft = res["linear_probe"], res["finetune"]
+    res["margin"] = {"linear_probe": round(lp["pretrained"]["acc"] - lp["random"]["acc"], 4),
+                     "finetune": round((ft["pretrained"]["acc1"] - ft["random"]["acc1"]) / 100, 4)}
+    print(f"[demo] linear probe, random-palette val ({lp['pretrained']['val_images']} images, chance 10%): "
+          f"pretrained {100 * lp['pretrained']['acc']:.1f}% (block {lp['pretrained']['best_block']}) vs random init "
+          f"{100 * lp['random']['acc']:.1f}% vs raw pixels {100 * lp['pixels']['acc']:.1f}%")
+    print(f"[demo] fine-tune, {FT_EPOCHS} epochs, palette toy val: pretrained {ft['pretrained']['acc1']:.1f}% vs "
+          f"random init {ft['random']['acc1']:.1f}% top-1")
+    print(f"[demo] attention maps -> {out / 'attention'} (pretrained/, random/: attention.png)")
+    if min(res["margin"].values()) <= 0:
+        print("[demo] WARNING: the pretrained encoder did not beat the random one on every measure")
+    return res
+
+
+def stage_segment(out: Path, ckpt: Path) -> dict:
+    """Segmentation fine-tuning (configs/seg_tiny.yaml, UperNet) of the pretrained and a random
+    encoder on the toy ADE20K-layout set: mIoU on its validation split."""
+    from beitfast.segment import main as segment
+    from data_prep.make_toy_imagenet import make_segmentation
+
+    root = ROOT / "data" / "toy_ade20k"
+    m = make_segmentation(root, train=300, val=60, progress=False)
+    print(f"[demo] toy segmentation set ({len(m['classes'])} classes, random palettes): {m['counts']} images -> {root}")
+    res = {}
+    for name, weights in (("pretrained", str(ckpt)), ("random", "")):
+        d = out / "segment" / name
+        print(f"[demo] segmentation fine-tuning of the {name} encoder (configs/seg_tiny.yaml; about a minute)")
+        if segment(["--cfg", "seg_tiny.yaml", f"data.root={root}", f"log.out_dir={d}",
+                    f"model.pretrained={weights}"]) != 0:
+            raise SystemExit(f"[demo] segmentation fine-tuning of the {name} encoder failed")
+        e = json.loads((d / "eval.json").read_text())
+        res[name] = {"miou": e["miou"], "aacc": e["aacc"], "iters": e["iters"]}
+    print(f"[demo] segmentation, toy val: pretrained mIoU {res['pretrained']['miou']:.1f} vs random init "
+          f"{res['random']['miou']:.1f} (pixel accuracy {res['pretrained']['aacc']:.1f}% vs {res['random']['aacc']:.1f}%) "
+          f"-> {out / 'segment'} (predictions.png)")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
@@ -236,18 +328,21 @@ def main(argv=None) -> int:
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data_root = stage_dataset(out)
+    data_root, palette_root = stage_dataset(out)
     cfg = stage_config(out, data_root)
     summary = {"dataset": str(data_root), "config": str(out / "config.yaml"), "masks": stage_masks(out, cfg)}
     summary["dvae"] = stage_dvae(out, data_root)
     summary["cache"] = stage_cache(out, data_root, Path(summary["dvae"]["tokenizer"]))
     summary["pretrain"] = stage_pretrain(out, Path(summary["cache"]["cache"]), Path(summary["dvae"]["tokenizer"]),
                                          fresh=summary["cache"]["rebuilt"])
+    ckpt = Path(summary["pretrain"]["run"]) / "ckpt.pt"
+    summary.update(stage_evaluate(out, data_root, palette_root, ckpt))
+    summary["segmentation"] = stage_segment(out, ckpt)
     summary["outputs"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] done in {time.time() - t0:.0f} s; outputs in {out} "
           f"(summary.json, config.yaml, masks.png, dvae_tiny/, cache/, cache_views.png, pretrain/, "
-          f"pretrain_curves.png)")
+          f"pretrain_curves.png, probe/, finetune/, attention/, segment/)")
     return 0
 
 
