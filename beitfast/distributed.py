@@ -75,3 +75,44 @@ def start_run(cfg, prog: str) -> tuple[int, int, torch.device, Path] | None:
         cfg.dump(out / "config.yaml")
     torch.manual_seed(cfg.train.seed + rank)
     return world, rank, device, out
+
+
+def trainer_main(argv, doc: str, prog: str, default_cfg: str, schema, run, expected: tuple = ()) -> int:
+    """The command line of a torchrun-capable job: `--cfg NAME` plus overrides (help from
+    `doc`), start_run, `run(cfg, world, rank, device, out)` -> result dict printed as JSON by
+    rank 0. Config errors and `expected` exceptions exit 2 with the message, a non-finite loss
+    (FloatingPointError) exits 1 naming the last good checkpoint; the process group is always
+    torn down."""
+    import argparse
+    import json
+
+    from beitfast.config import ConfigError, cli_config
+
+    ap = argparse.ArgumentParser(prog=f"{prog}.py", description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
+    ap.add_argument("--cfg", default=default_cfg, help=f"config (default {default_cfg}; a name under configs/ or a path)")
+    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    a = ap.parse_args(argv)
+    try:
+        cfg = cli_config(["--cfg", a.cfg, *a.overrides], schema=schema)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    started = start_run(cfg, prog)
+    if started is None:
+        return 2
+    world, rank, device, out = started
+    try:
+        res = run(cfg, world, rank, device, out)
+    except (ConfigError, FileNotFoundError, ValueError, WorldSizeChanged, *expected) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"{prog}: {e}; {out / 'ckpt.pt'} is the last good checkpoint", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(res))
+    return 0

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from beitfast.config import ConfigError, FinetuneConfig, cli_config  # noqa: E402
+from beitfast.config import ConfigError, FinetuneConfig  # noqa: E402
 from beitfast.data.images import list_imagefolder, read_decodable  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
-from beitfast.distributed import WorldSizeChanged, restore_rng, rng_states, start_run  # noqa: E402
+from beitfast.distributed import restore_rng, rng_states, trainer_main  # noqa: E402
 from beitfast.model import SIZES  # noqa: E402
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
 from beitfast.train import lr_at  # noqa: E402
@@ -454,38 +454,7 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="finetune.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--cfg", default="finetune_base.yaml", help="fine-tuning config (configs/finetune_*.yaml)")
-    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
-    a = ap.parse_args(argv)
-    try:
-        cfg = cli_config(["--cfg", a.cfg, *a.overrides], schema=FinetuneConfig)
-    except ConfigError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
-    started = start_run(cfg, PROG)
-    if started is None:
-        return 2
-    world, rank, device, out = started
-    try:
-        res = finetune(cfg, world, rank, device, out)
-    except (ConfigError, FileNotFoundError, ValueError, WorldSizeChanged) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"{PROG}: {e}; {out / 'ckpt.pt'} is the last good checkpoint", file=sys.stderr)
-        return 1
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
-        print(json.dumps(res))
-    return 0
+    return trainer_main(argv, __doc__, PROG, "finetune_base.yaml", FinetuneConfig, finetune)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from beitfast.config import ConfigError, SegConfig, cli_config  # noqa: E402
+from beitfast.config import ConfigError, SegConfig  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
-from beitfast.distributed import WorldSizeChanged, restore_rng, rng_states, start_run  # noqa: E402
+from beitfast.distributed import restore_rng, rng_states, trainer_main  # noqa: E402
 from beitfast.finetune import _amp, _Counting, build_classifier, layer_id, load_pretrained  # noqa: E402
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
 
@@ -531,38 +531,7 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="segment.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--cfg", default="seg_ade20k_base.yaml", help="segmentation config (configs/seg_*.yaml)")
-    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
-    a = ap.parse_args(argv)
-    try:
-        cfg = cli_config(["--cfg", a.cfg, *a.overrides], schema=SegConfig)
-    except ConfigError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
-    started = start_run(cfg, PROG)
-    if started is None:
-        return 2
-    world, rank, device, out = started
-    try:
-        res = segment(cfg, world, rank, device, out)
-    except (ConfigError, FileNotFoundError, ValueError, WorldSizeChanged) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"{PROG}: {e}; {out / 'ckpt.pt'} is the last good checkpoint", file=sys.stderr)
-        return 1
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
-        print(json.dumps(res))
-    return 0
+    return trainer_main(argv, __doc__, PROG, "seg_ade20k_base.yaml", SegConfig, segment)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ PNG saved under a .JPEG name and EXIF-rotated JPEGs (stored pixels rotated, an O
 tag saying how to undo it). With ``--corrupt`` it adds one truncated JPEG, one zero-byte
 file and one file of random bytes. ``OUT/toy_manifest.json`` lists every odd file.
 
+With ``--segmentation`` it writes the toy semantic-segmentation set instead, in ADE20K's
+layout (``OUT/images/{training,validation}/*.jpg``, ``OUT/annotations/.../*.png``; labels 0 =
+unlabelled, 1-5 the background textures, 6-8 the shapes; random palettes; see
+make_segmentation).
+
 Deterministic: the same arguments give byte-identical files. The tree is written under
 ``OUT.partial`` and renamed when complete, so an interrupted run leaves no half dataset.
 """
@@ -136,6 +141,18 @@ def oddities(n_train: int, corrupt: bool) -> dict[int, str]:
     return {i * step + step // 2: k for i, k in enumerate(kinds)}
 
 
+def _existing(manifest_path: Path, fmt: str, args: dict, what: str) -> dict | None:
+    """The manifest of a set already made with `args` (then nothing is written again), None
+    when there is none; FileExistsError when one made with other arguments is there."""
+    if not manifest_path.exists():
+        return None
+    old = json.loads(manifest_path.read_text())
+    if old.get("args") == args and old.get("format") == fmt:
+        return old
+    raise FileExistsError(f"{manifest_path.parent} holds {what} made with other arguments ({old.get('args')}); "
+                          f"remove it or choose another --out")
+
+
 def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class: int = 20,
          seed: int = 0, corrupt: bool = False, progress: bool = True, sides: tuple[int, int] = (96, 320),
          random_palette: bool = False) -> dict:
@@ -153,13 +170,9 @@ def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class
     if random_palette:
         args["random_palette"] = True
     out = Path(out)
-    manifest_path = out / "toy_manifest.json"
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get("args") == args and old.get("format") == FORMAT:
-            return old
-        raise FileExistsError(f"{out} holds a toy dataset made with other arguments ({old.get('args')}); "
-                              f"remove it or choose another --out")
+    old = _existing(out / "toy_manifest.json", FORMAT, args, "a toy dataset")
+    if old is not None:
+        return old
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     odd = oddities(classes * per_class, corrupt)
@@ -245,13 +258,9 @@ def make_segmentation(out: Path | str, train: int = 300, val: int = 60, classes:
     args = {"train": train, "val": val, "classes": classes, "seed": seed, "random_palette": random_palette,
             "sides": list(sides)}
     out = Path(out)
-    man_path = out / "toy_seg_manifest.json"
-    if man_path.exists():
-        old = json.loads(man_path.read_text())
-        if old.get("args") == args and old.get("format") == SEG_FORMAT:
-            return old
-        raise FileExistsError(f"{out} holds a toy segmentation set made with other arguments ({old.get('args')}); "
-                              f"remove it or choose another --out")
+    old = _existing(out / "toy_seg_manifest.json", SEG_FORMAT, args, "a toy segmentation set")
+    if old is not None:
+        return old
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     from tqdm import tqdm
