@@ -27,6 +27,18 @@ env -u TRITON_INTERPRET "$PY" -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OU
 TRITON_INTERPRET=1 "$PY" -m pytest -q tests/test_kernels.py tests/test_model.py 2>&1 | tee "$OUT/pytest_cpu.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# the evaluation jobs on the GPU in bf16 at toy scale: fine-tuning and segmentation end to end
+T=$(mktemp -d)
+"$PY" data_prep/make_toy_imagenet.py --out "$T/toy" --per-class 40 --val-per-class 10 --no-progress > /dev/null \
+  && "$PY" data_prep/make_toy_imagenet.py --segmentation --out "$T/seg" --per-class 64 --val-per-class 16 --no-progress > /dev/null \
+  && "$PY" beitfast/finetune.py --cfg finetune_tiny.yaml data.root="$T/toy" train.device=cuda train.precision=bf16 \
+       data.workers=4 log.out_dir="$OUT/finetune_tiny" log.progress=false > "$OUT/finetune_tiny.log" 2>&1 \
+  && "$PY" beitfast/segment.py --cfg seg_tiny.yaml data.root="$T/seg" train.device=cuda train.precision=bf16 \
+       data.workers=4 log.out_dir="$OUT/seg_tiny" log.progress=false > "$OUT/seg_tiny.log" 2>&1 \
+  && echo "gpu_check: fine-tuning and segmentation ran in bf16: $(tail -n 1 "$OUT/finetune_tiny.log" | cut -c1-80) ..." \
+  || { echo "gpu_check: an evaluation job failed (see $OUT/finetune_tiny.log, $OUT/seg_tiny.log)"; status=1; }
+rm -rf "$T"
+
 benches=(bench_kernels)
 [ -n "${QUICK:-}" ] || benches+=(bench_model bench_tokenizer bench_masking)
 if [ -z "${QUICK:-}" ] && "$PY" -c "import nvidia.dali" 2>/dev/null; then
