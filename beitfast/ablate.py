@@ -63,12 +63,14 @@ def prepare_data(root: Path, dvae_dir: Path, progress: bool) -> Path:
     return tok
 
 
-def make_cache(root: Path, out: Path, k: int, tok: Path, progress: bool) -> Path:
+def make_cache(root: Path, out: Path, k: int, seed: int, tok: Path, progress: bool) -> Path:
+    """The token cache of K views an image for `seed` (the views are drawn from the run's seed,
+    so each seed has its own cache)."""
     from data_prep.tokenize_imagenet import main as tokenize
 
-    cache = out / f"cache_k{k}"
+    cache = out / (f"cache_k{k}" if seed == 0 else f"cache_k{k}_s{seed}")
     args = ["--data", str(root), "--out", str(cache), "--cfg", "tiny.yaml", "--views", str(k), "--shard-size", "256",
-            "--max-reject", "0.1", f"tokenizer.path={tok}", f"data.views={k}"]
+            "--max-reject", "0.1", f"tokenizer.path={tok}", f"data.views={k}", f"train.seed={seed}"]
     if tokenize(args + ([] if progress else ["--no-progress"])) != 0:
         raise RuntimeError(f"tokenizing {root} with K={k} failed")
     return cache
@@ -117,7 +119,7 @@ def run_arm(arm: str, seed: int, a, tok: Path) -> dict:
         base = [f"tokenizer.path={tok}", f"train.epochs={a.epochs}", f"train.seed={seed}", f"mask.seed={seed}",
                 f"data.root={a.data}", f"log.progress={str(a.progress).lower()}"]
         if k is not None:
-            base += [f"data.cache={make_cache(a.data, a.out, k, tok, a.progress)}", f"data.views={k}"]
+            base += [f"data.cache={make_cache(a.data, a.out, k, seed, tok, a.progress)}", f"data.views={k}"]
         ckpt = pretrain(run / "pretrain", base + over)
         rows = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
         row.update(steps=rows[-1]["step"], last_loss=rows[-1]["loss"], mim_acc=rows[-1]["mim_acc"])
