@@ -22,8 +22,11 @@ def test_large_inherits_and_overrides():
 
 
 def test_every_config_file_loads():
+    from beitfast.config import FinetuneConfig, SegConfig
+
+    schemas = {"dvae": DVAEConfig, "finetune": FinetuneConfig, "seg": SegConfig}
     for p in sorted(CONFIG_DIR.glob("*.yaml")):
-        schema = DVAEConfig if p.name.startswith("dvae") else Config
+        schema = schemas.get(p.name.split("_")[0].split(".")[0], Config)
         assert isinstance(load_config(p, schema=schema), schema), p
 
 
