@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, FinetuneConfig  # noqa: E402
 from beitfast.data.images import list_imagefolder, read_decodable  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
-from beitfast.distributed import restore_rng, rng_states, trainer_main  # noqa: E402
+from beitfast.distributed import rng_states, trainer_main  # noqa: E402
 from beitfast.model import SIZES  # noqa: E402
-from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
+from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
 from beitfast.train import lr_at  # noqa: E402
 
 CKPT_FORMAT = "beitfast-finetune-ckpt/1"
@@ -341,16 +341,10 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
         criterion = nn.CrossEntropyLoss()
 
     ckpt_path, step, best = out / "ckpt.pt", 0, None
-    if ckpt_path.exists():
-        ck = read_checkpoint(ckpt_path, CKPT_FORMAT, "move it away to start over")
-        if ck["config"]["train"]["global_batch"] != t.global_batch:
-            raise ConfigError(f"{ckpt_path} was trained with train.global_batch={ck['config']['train']['global_batch']}; "
-                              f"resume with the same value")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+    ck = resume_job(ckpt_path, CKPT_FORMAT, t.global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
+                    rank, world, device)
+    if ck is not None:
         step, best = ck["step"], ck.get("best")
-        restore_rng(ck["rng_states"], rank, world, device)
         if rank == 0:
             print(f"[{PROG}] resumed from {ckpt_path} at step {step} of {total}")
     elif rank == 0:

@@ -51,3 +51,22 @@ def reset_metrics(path: Path, upto_step: int) -> list[dict]:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
     return rows
+
+
+def resume_job(path: Path, fmt: str, global_batch: int, states: dict, rank: int, world: int, device) -> dict | None:
+    """Continue a fine-tuning-style job from its checkpoint when there is one: load each of
+    `states` (name in the checkpoint -> object with load_state_dict) and restore this rank's RNG
+    streams. A checkpoint of another global batch is refused (ValueError naming the value).
+    Returns the checkpoint, or None when there is none."""
+    from beitfast.distributed import restore_rng
+
+    if not path.exists():
+        return None
+    ck = read_checkpoint(path, fmt, "move it away to start over")
+    if ck["config"]["train"]["global_batch"] != global_batch:
+        raise ValueError(f"{path} was trained with train.global_batch={ck['config']['train']['global_batch']}; "
+                         f"resume with the same value (or move it away to start over)")
+    for name, obj in states.items():
+        obj.load_state_dict(ck[name])
+    restore_rng(ck["rng_states"], rank, world, device)
+    return ck

@@ -48,9 +48,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, SegConfig  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
-from beitfast.distributed import restore_rng, rng_states, trainer_main  # noqa: E402
+from beitfast.distributed import rng_states, trainer_main  # noqa: E402
 from beitfast.finetune import _amp, _Counting, build_classifier, layer_id, load_pretrained  # noqa: E402
-from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
+from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
 
 CKPT_FORMAT = "beitfast-seg-ckpt/1"
 PROG = "segment"
@@ -430,15 +430,10 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     ckpt_path, it, best = out / "ckpt.pt", 0, None
-    if ckpt_path.exists():
-        ck = read_checkpoint(ckpt_path, CKPT_FORMAT, "move it away to start over")
-        if ck["config"]["train"]["global_batch"] != t.global_batch:
-            raise ConfigError(f"{ckpt_path} was trained with train.global_batch={ck['config']['train']['global_batch']}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+    ck = resume_job(ckpt_path, CKPT_FORMAT, t.global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
+                    rank, world, device)
+    if ck is not None:
         it, best = ck["iter"], ck.get("best")
-        restore_rng(ck["rng_states"], rank, world, device)
         if rank == 0:
             print(f"[{PROG}] resumed from {ckpt_path} at iteration {it} of {t.iters}")
     elif rank == 0:
