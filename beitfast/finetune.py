@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, FinetuneConfig  # noqa: E402
 from beitfast.data.images import list_imagefolder, read_decodable  # noqa: E402
-from beitfast.data.sampler import StepSampler  # noqa: E402
+from beitfast.data.sampler import Counting, StepSampler  # noqa: E402
 from beitfast.distributed import rng_states, trainer_main  # noqa: E402
 from beitfast.model import SIZES  # noqa: E402
 from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
@@ -242,17 +242,10 @@ class EvalSet(torch.utils.data.Dataset):
         return len(self.files)
 
 
-class _Counting(torch.utils.data.Sampler):
-    def __iter__(self):
-        import itertools
-
-        return itertools.count()
-
-
-def train_batches(ds: TrainStream, batch: int, workers: int, cuda: bool):
+def train_batches(ds, batch: int, workers: int, cuda: bool):
     # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global
     # generator, which drop path also draws from, so a resumed run would drift by one draw
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=_Counting(), num_workers=workers,
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=Counting(), num_workers=workers,
                                      pin_memory=cuda, generator=torch.Generator().manual_seed(ds.seed))
     return iter(dl)
 

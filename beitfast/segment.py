@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, SegConfig  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
 from beitfast.distributed import rng_states, trainer_main  # noqa: E402
-from beitfast.finetune import _amp, _Counting, build_classifier, layer_id, load_pretrained  # noqa: E402
+from beitfast.finetune import _amp, build_classifier, layer_id, load_pretrained, train_batches  # noqa: E402
 from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
 
 CKPT_FORMAT = "beitfast-seg-ckpt/1"
@@ -447,9 +447,7 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler.start_step = it
     ds = SegTrainStream(pairs, sampler, d, cfg.model.img_size, t.seed)
-    dl = torch.utils.data.DataLoader(ds, batch_size=d.batch_size, sampler=_Counting(), num_workers=d.workers,
-                                     pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(t.seed))
-    batches = iter(dl)
+    batches = train_batches(ds, d.batch_size, d.workers, device.type == "cuda")
     amp = _amp(t.precision, device)
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=t.iters, initial=it, desc=PROG, unit="it", disable=rank != 0 or not cfg.log.progress)

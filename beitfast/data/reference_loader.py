@@ -9,14 +9,13 @@ DataLoader reads the image folder instead and the tokenizer makes the targets ev
 from __future__ import annotations
 
 import io
-import itertools
 
 import numpy as np
 import torch
 
 from beitfast.data.cache import TokenCache
 from beitfast.data.loader import image_dtype, render_args
-from beitfast.data.sampler import StepSampler
+from beitfast.data.sampler import Counting, StepSampler
 from beitfast.data.views import pick_view, reference_view
 from beitfast.masking import MaskGenerator, MaskSpec
 
@@ -53,11 +52,6 @@ class StreamDataset(torch.utils.data.Dataset):
         return 1 << 62
 
 
-class _Counting(torch.utils.data.Sampler):
-    def __iter__(self):
-        return itertools.count()
-
-
 class ReferenceLoader:
     def __init__(self, cache: TokenCache, cfg, sampler: StepSampler, device: torch.device, workers: int,
                  view: str = "vit"):
@@ -79,7 +73,7 @@ class ReferenceLoader:
     def stream(self, start_step: int = 0):
         self.sampler.start_step = start_step
         cuda = self.device.type == "cuda"
-        dl = torch.utils.data.DataLoader(self._dataset(), batch_size=self.sampler.batch, sampler=_Counting(),
+        dl = torch.utils.data.DataLoader(self._dataset(), batch_size=self.sampler.batch, sampler=Counting(),
                                          num_workers=self.workers, pin_memory=cuda,
                                          prefetch_factor=max(2, self.cfg.data.prefetch) if self.workers else None)
         self._dtype = image_dtype(self.cfg) if self.view == "vit" else torch.uint8

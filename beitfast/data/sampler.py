@@ -14,7 +14,10 @@ n of the stream from worker processes).
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+import torch
 
 
 class StepSampler:
@@ -60,3 +63,11 @@ class StepSampler:
             return np.zeros(0, np.int64)
         return np.concatenate([self.batch_indices(epoch, s, m) for s in range(first, self.steps_per_epoch)
                                for m in range(self.accum)] or [np.zeros(0, np.int64)])
+
+
+class Counting(torch.utils.data.Sampler):
+    """0, 1, 2, ...: a DataLoader over a stream dataset (sample n of a rank's StepSampler
+    stream) reads it in order for as long as the trainer asks."""
+
+    def __iter__(self):
+        return itertools.count()
