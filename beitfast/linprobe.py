@@ -86,11 +86,7 @@ def center_view(data: bytes, name: str, size: int) -> torch.Tensor:
 @torch.no_grad()
 def block_features(model: Beit, x: torch.Tensor) -> torch.Tensor:
     """(L, B, 2D): per block, [CLS token, mean of the patch tokens] after that block."""
-    t = model.patch_embed.proj(x).flatten(2).transpose(1, 2).float()
-    t = torch.cat((model.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
-    if model.pos_embed is not None:
-        t = t + model.pos_embed
-    bias = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    t, bias = model.embed(x)
     out = []
     for blk in model.blocks:
         t = blk(t, bias)

@@ -226,10 +226,9 @@ class Beit(nn.Module):
         the optimizer builder. The reference decays mask_token and the rel-pos table."""
         return {"cls_token", "pos_embed"}
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, 3, H, W), mask (B, h, w) bool or None -> (B, N+1, D) after the last block."""
-        # The residual stream is fp32 whatever the autocast dtype (the reference's: its fp32
-        # mask token and layer scale promote it); the branches compute in bf16/fp16 (see kernels/).
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks' input (B, N+1, D) (patch embedding, mask-token substitution, cls, absolute
+        positions) and the shared relative-position bias (or None)."""
         t = self.patch_embed.proj(x).flatten(2).transpose(1, 2).float()  # (B, N, D), row-major
         if mask is not None:
             w = mask.reshape(t.shape[0], -1, 1).float()
@@ -237,7 +236,13 @@ class Beit(nn.Module):
         t = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
         if self.pos_embed is not None:
             t = t + self.pos_embed
-        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        return t, (self.rel_pos_bias() if self.rel_pos_bias is not None else None)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, 3, H, W), mask (B, h, w) bool or None -> (B, N+1, D) after the last block."""
+        # The residual stream is fp32 whatever the autocast dtype (the reference's: its fp32
+        # mask token and layer scale promote it); the branches compute in bf16/fp16 (see kernels/).
+        t, bias = self.embed(x, mask)
         for blk in self.blocks:
             t = blk(t, bias)
         return t

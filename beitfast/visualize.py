@@ -55,11 +55,7 @@ def attention_probs(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None)
 @torch.no_grad()
 def last_attention(model: Beit, x: torch.Tensor, block: int = -1) -> torch.Tensor:
     """(B, heads, N+1, N+1) attention probabilities of `block` (default the last) on images x."""
-    t = model.patch_embed.proj(x).flatten(2).transpose(1, 2).float()
-    t = torch.cat((model.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
-    if model.pos_embed is not None:
-        t = t + model.pos_embed
-    bias = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    t, bias = model.embed(x)
     stop = block % len(model.blocks)
     for i, blk in enumerate(model.blocks):
         if i == stop:
