@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from beitfast.config import load_config
-from beitfast.masking import MaskGenerator, MaskSpec
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # beitfast/ and data_prep/ import from the repo root, installed or not
+from beitfast.config import load_config  # noqa: E402
+from beitfast.masking import MaskGenerator, MaskSpec  # noqa: E402
 
 
 PRETRAIN_EPOCHS = 6  # the ablation's budget (beitfast/ablate.py --epochs), so the demo is its k4 arm, seed 0
@@ -324,7 +324,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))  # data_prep/ holds scripts, importable from the repo root
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

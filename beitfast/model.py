@@ -299,9 +299,38 @@ def to_timm(model: Beit) -> dict:
     return sd
 
 
-def to_hf(model: Beit) -> dict:
+# our block key -> HuggingFace's, per naming: "v4" (transformers 4.x) and "v5" (5.x renamed BEiT's
+# parameters); the q/k/v split of qkv.weight is done in to_hf
+_HF_BLOCK = {
+    "v4": {"q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value",
+           "attn.proj": "attention.output.dense", "norm1": "layernorm_before", "norm2": "layernorm_after",
+           "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense", "gamma_1": "lambda_1", "gamma_2": "lambda_2",
+           "attn.relative_position_bias_table": "attention.attention.relative_position_bias.relative_position_bias_table"},
+    "v5": {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "attn.proj": "attention.o_proj",
+           "norm1": "layernorm_before", "norm2": "layernorm_after", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+           "gamma_1": "lambda_1", "gamma_2": "lambda_2",
+           "attn.relative_position_bias_table": "relative_position_bias.relative_position_bias_table"},
+}
+_HF_LAYERS = {"v4": "beit.encoder.layer.", "v5": "beit.layers."}
+_HF_SHARED = {"v4": "beit.encoder.relative_position_bias.relative_position_bias_table",
+              "v5": "beit.shared_position_bias.relative_position_bias_table"}
+
+
+def hf_naming() -> str:
+    """The naming of the installed transformers: "v5" from 5.0 on, else "v4"."""
+    import transformers
+
+    return "v5" if int(transformers.__version__.split(".")[0]) >= 5 else "v4"
+
+
+def to_hf(model: Beit, naming: str | None = None) -> dict:
     """A state dict in HuggingFace `BeitForMaskedImageModeling` naming (use_mask_token,
-    use_shared_relative_position_bias, layer_norm_eps=1e-6)."""
+    use_shared_relative_position_bias, layer_norm_eps=1e-6). naming: "v4" (transformers 4.x),
+    "v5" (5.x) or None, the installed version's."""
+    naming = naming or hf_naming()
+    if naming not in _HF_BLOCK:
+        raise ValueError(f"naming must be one of {sorted(_HF_BLOCK)}, got {naming!r}")
+    names, layers = _HF_BLOCK[naming], _HF_LAYERS[naming]
     src = model.state_dict()
     dim = model.cls_token.shape[-1]
     out = {"beit.embeddings.cls_token": src["cls_token"], "beit.embeddings.mask_token": src["mask_token"],
@@ -310,24 +339,17 @@ def to_hf(model: Beit) -> dict:
            "layernorm.weight": src["norm.weight"], "layernorm.bias": src["norm.bias"],
            "lm_head.weight": src["lm_head.weight"], "lm_head.bias": src["lm_head.bias"]}
     if "rel_pos_bias.relative_position_bias_table" in src:
-        out["beit.encoder.relative_position_bias.relative_position_bias_table"] = \
-            src["rel_pos_bias.relative_position_bias_table"]
+        out[_HF_SHARED[naming]] = src["rel_pos_bias.relative_position_bias_table"]
     if model.pos_embed is not None:
         out["beit.embeddings.position_embeddings"] = src["pos_embed"]
     for i in range(len(model.blocks)):
-        p, q = f"blocks.{i}.", f"beit.encoder.layer.{i}."
-        qw, kw, vw = src[p + "attn.qkv.weight"].split(dim)
-        out.update({
-            q + "attention.attention.query.weight": qw, q + "attention.attention.query.bias": src[p + "attn.q_bias"],
-            q + "attention.attention.key.weight": kw,
-            q + "attention.attention.value.weight": vw, q + "attention.attention.value.bias": src[p + "attn.v_bias"],
-            q + "attention.output.dense.weight": src[p + "attn.proj.weight"],
-            q + "attention.output.dense.bias": src[p + "attn.proj.bias"],
-            q + "layernorm_before.weight": src[p + "norm1.weight"], q + "layernorm_before.bias": src[p + "norm1.bias"],
-            q + "layernorm_after.weight": src[p + "norm2.weight"], q + "layernorm_after.bias": src[p + "norm2.bias"],
-            q + "intermediate.dense.weight": src[p + "mlp.fc1.weight"], q + "intermediate.dense.bias": src[p + "mlp.fc1.bias"],
-            q + "output.dense.weight": src[p + "mlp.fc2.weight"], q + "output.dense.bias": src[p + "mlp.fc2.bias"],
-        })
-        if p + "gamma_1" in src:
-            out[q + "lambda_1"], out[q + "lambda_2"] = src[p + "gamma_1"], src[p + "gamma_2"]
+        p, q = f"blocks.{i}.", f"{layers}{i}."
+        for part, w in zip("qkv", src[p + "attn.qkv.weight"].split(dim)):
+            out[f"{q}{names[part]}.weight"] = w
+        out[f"{q}{names['q']}.bias"], out[f"{q}{names['v']}.bias"] = src[p + "attn.q_bias"], src[p + "attn.v_bias"]
+        for ours in ("attn.proj", "norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+            out[f"{q}{names[ours]}.weight"], out[f"{q}{names[ours]}.bias"] = src[f"{p}{ours}.weight"], src[f"{p}{ours}.bias"]
+        for ours in ("gamma_1", "gamma_2", "attn.relative_position_bias_table"):
+            if p + ours in src:
+                out[q + names[ours]] = src[p + ours]
     return out

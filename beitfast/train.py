@@ -27,13 +27,14 @@ import numba
 import torch
 import torch.distributed as dist
 
-import kernels
-from beitfast import distributed
-from beitfast.config import ConfigError, cli_config
-from beitfast.data.cache import CacheError, TokenCache
-from beitfast.data.loader import build_loader, one_line, thread_plan
-from beitfast.model import Beit, BeitArgs
-from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout (no pip install)
+import kernels  # noqa: E402
+from beitfast import distributed  # noqa: E402
+from beitfast.config import ConfigError, cli_config  # noqa: E402
+from beitfast.data.cache import CacheError, TokenCache  # noqa: E402
+from beitfast.data.loader import build_loader, one_line, thread_plan  # noqa: E402
+from beitfast.model import Beit, BeitArgs  # noqa: E402
+from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
 
 CKPT_FORMAT = "beitfast-pretrain-ckpt/2"  # 2: per-rank CPU and CUDA RNG states, world size, loss scaler
 
@@ -376,6 +377,11 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: train.py --cfg NAME [section.key=value ...]\n\n{__doc__.strip()}\n\nThe keys, their types "
+              f"and defaults: beitfast/config.py (model, data, tokenizer, mask, optim, train, log).")
+        return 0
     try:
         cfg = cli_config(argv)
     except ConfigError as e:

@@ -11,6 +11,7 @@
 #   bash scripts/gpu_check.sh            # everything (about 10 minutes on an H100)
 #   QUICK=1 bash scripts/gpu_check.sh    # tests and kernel benchmark only
 set -uo pipefail
+case "${1:-}" in -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "usage: [QUICK=1] [PYTHON=python3] [OUT=dir] $0"; exit 0;; esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}

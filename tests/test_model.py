@@ -195,23 +195,39 @@ def test_parity_with_timm():
         assert _rel(m.forward_features(x), t.forward_features(x)) < 1e-5
 
 
-def test_parity_with_huggingface():
+@pytest.mark.parametrize("rel_pos", ["shared", "per_block"])
+def test_parity_with_huggingface(rel_pos):
+    """to_hf in the installed transformers' naming (5.x renamed BEiT's parameters; the
+    compatibility run, scripts/compat_check.sh, takes 4.x): every key loads, logits agree."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(6)
-    m = _perturbed(Beit(BeitArgs(size="base", img_size=64, vocab_size=300, depth=2, drop_path=0, kernels="torch"))).eval()
+    m = _perturbed(Beit(BeitArgs(size="base", img_size=64, vocab_size=300, depth=2, drop_path=0, kernels="torch",
+                                 rel_pos_bias=rel_pos, abs_pos_emb=rel_pos == "per_block"))).eval()
     cfg = transformers.BeitConfig(image_size=64, patch_size=16, hidden_size=768, num_hidden_layers=2,
                                   num_attention_heads=12, intermediate_size=3072, use_mask_token=True,
-                                  use_shared_relative_position_bias=True, use_relative_position_bias=False,
-                                  use_absolute_position_embeddings=False, layer_norm_eps=1e-6, vocab_size=300,
-                                  layer_scale_init_value=0.1, hidden_act="gelu")
+                                  use_shared_relative_position_bias=rel_pos == "shared",
+                                  use_relative_position_bias=rel_pos == "per_block",
+                                  use_absolute_position_embeddings=rel_pos == "per_block", layer_norm_eps=1e-6,
+                                  vocab_size=300, layer_scale_init_value=0.1, hidden_act="gelu")
     hf = transformers.BeitForMaskedImageModeling(cfg).eval()
     missing, unexpected = hf.load_state_dict(to_hf(m), strict=False)
-    assert not missing and not unexpected
+    assert not missing and not unexpected, (missing, unexpected)
     x, mask = torch.randn(2, 3, 64, 64), torch.rand(2, 4, 4) < 0.4
     with torch.no_grad():
         ours = m.masked_logits(x, mask)
         theirs = hf(pixel_values=x, bool_masked_pos=mask.reshape(2, -1)).logits[mask.reshape(2, -1)]
     assert ours.shape == theirs.shape and _rel(ours, theirs) < 1e-5
+
+
+def test_hf_namings_differ_only_in_names():
+    """The v4 and v5 dicts hold the same tensors under other names (one key for one key)."""
+    m = Beit(BeitArgs(size="tiny", img_size=32, vocab_size=50, depth=2, kernels="torch"))
+    v4, v5 = to_hf(m, "v4"), to_hf(m, "v5")
+    assert len(v4) == len(v5) and set(v4) != set(v5)
+    assert "beit.encoder.layer.1.attention.attention.query.weight" in v4 and "beit.layers.1.attention.q_proj.weight" in v5
+    assert sorted(float(t.double().sum()) for t in v4.values()) == sorted(float(t.double().sum()) for t in v5.values())
+    with pytest.raises(ValueError, match="naming"):
+        to_hf(m, "v3")
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
