@@ -110,8 +110,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 800
     global_batch: int = 2048
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on Ampere+, fp16 on V100, fp32 on CPU
     compile: bool = False
+    self_check: bool = True  # check the fast paths against their twins on this device before step 1
     seed: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
@@ -301,7 +302,8 @@ class FTOptimConfig:
 class FTTrainConfig:
     epochs: int = 100
     global_batch: int = 1024
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on Ampere+, fp16 on V100, fp32 on CPU
+    self_check: bool = True  # check the fast paths against their twins on this device before step 1
     seed: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
     stop_at: int = 0  # exit after the checkpoint at this step, as if killed (resume tests; 0: off)
@@ -390,7 +392,8 @@ class SegOptimConfig:
 class SegTrainConfig:
     iters: int = 160_000
     global_batch: int = 16
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on Ampere+, fp16 on V100, fp32 on CPU
+    self_check: bool = True  # check the fast paths against their twins on this device before step 1
     seed: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
     stop_at: int = 0  # exit after the checkpoint at this iteration (resume tests; 0: off)

@@ -61,7 +61,8 @@ def restore_rng(states: list, rank: int, world: int, device: torch.device, resee
 
 
 def start_run(cfg, prog: str) -> tuple[int, int, torch.device, Path] | None:
-    """The opening of every trainer: join the process group, pick the device, make the run
+    """The opening of every trainer: join the process group, pick the device, resolve
+    train.precision for it (beitfast/precision.py; said on a start line), make the run
     directory and write the resolved config there (rank 0), seed torch per rank. Returns
     (world, rank, device, out_dir), or None after printing why it cannot start."""
     try:
@@ -69,6 +70,15 @@ def start_run(cfg, prog: str) -> tuple[int, int, torch.device, Path] | None:
     except RuntimeError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return None
+    from beitfast.precision import resolve
+
+    try:
+        cfg.train.precision, why = resolve(cfg.train.precision, device)
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+    if rank == 0:
+        print(f"[{prog}] precision {why}")
     out = Path(cfg.log.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +97,7 @@ def trainer_main(argv, doc: str, prog: str, default_cfg: str, schema, run, expec
     import json
 
     from beitfast.config import ConfigError, cli_config
+    from beitfast.selfcheck import SelfCheckFailed
 
     ap = argparse.ArgumentParser(prog=f"{prog}.py", description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
@@ -104,7 +115,7 @@ def trainer_main(argv, doc: str, prog: str, default_cfg: str, schema, run, expec
     world, rank, device, out = started
     try:
         res = run(cfg, world, rank, device, out)
-    except (ConfigError, FileNotFoundError, ValueError, WorldSizeChanged, *expected) as e:
+    except (ConfigError, FileNotFoundError, ValueError, WorldSizeChanged, SelfCheckFailed, *expected) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from beitfast import selfcheck  # noqa: E402
 from beitfast.config import ConfigError, FinetuneConfig  # noqa: E402
 from beitfast.data.images import list_imagefolder, read_decodable  # noqa: E402
 from beitfast.data.sampler import Counting, StepSampler  # noqa: E402
@@ -318,6 +319,10 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
     model = build_classifier(cfg.model, num_classes)
     loaded = load_pretrained(model, cfg.model.pretrained) if cfg.model.pretrained else {"pretrained": None}
     model.to(device)
+    if t.self_check:  # timm's fused attention against its unfused path, on this device, before step 1
+        for note in selfcheck.startup_timm(model, device, t.precision, t.seed)[1]:
+            if rank == 0:
+                print(f"[finetune] {note}")
     groups = layer_decay_groups(model, o.weight_decay, o.layer_decay)
     scales = [g["lr_scale"] for g in groups]
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=o.lr,

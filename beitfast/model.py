@@ -104,11 +104,18 @@ class Attention(nn.Module):
             idx = self.relative_position_index
             own = self.relative_position_bias_table[idx.view(-1)].view(n, n, -1).permute(2, 0, 1)
             bias = own if bias is None else bias + own
-        if self.attention == "flex":
-            out = _flex(q, k, v, bias)
-        else:  # the bias is an additive float mask; q is scaled by hd^-0.5 inside SDPA
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)[None])
+        out = attend(q, k, v, bias, self.attention)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def attend(q, k, v, bias, attention: str = "sdpa"):
+    """softmax(q k^T / sqrt(hd) + bias) v, q/k/v (B, H, N, hd), bias (H, N, N) or None. SDPA takes
+    the bias as an additive mask cast to q's dtype (an fp32 mask with bf16 queries was misread by
+    cuDNN on H100, pytorch PR #191612; the start-up self-check compares this call with the math
+    backend in fp32 on the run's device)."""
+    if attention == "flex":
+        return _flex(q, k, v, bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)[None])
 
 
 _FLEX = {}

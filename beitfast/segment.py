@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from beitfast import selfcheck  # noqa: E402
 from beitfast.config import ConfigError, SegConfig  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
 from beitfast.distributed import rng_states, trainer_main  # noqa: E402
@@ -425,6 +426,10 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
     if world > 1 and device.type == "cuda":  # the reference's SyncBN (batch 2 per GPU); gloo has none
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
+    if t.self_check:  # timm's fused attention against its unfused path, on this device, before step 1
+        for note in selfcheck.startup_timm(model.backbone.vit, device, t.precision, t.seed)[1]:
+            if rank == 0:
+                print(f"[segment] {note}")
     groups = seg_param_groups(model, o.weight_decay, o.layer_decay)
     scales = [g["lr_scale"] for g in groups]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda")

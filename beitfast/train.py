@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout (no pip install)
 import kernels  # noqa: E402
-from beitfast import distributed  # noqa: E402
+from beitfast import distributed, selfcheck  # noqa: E402
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import CacheError, TokenCache  # noqa: E402
 from beitfast.data.loader import build_loader, one_line, thread_plan  # noqa: E402
@@ -185,6 +185,10 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
         cache = TokenCache(cfg.data.cache)
         tokenizer = configured_tokenizer(cfg)
         cache.check_config(cfg, tokenizer)
+    checked = []
+    if cfg.train.self_check:  # the fast paths against their twins, on this device, before anything trains
+        _, checked = selfcheck.startup_pretrain(cfg, device, cache, seed=cfg.train.seed)
+        resolved = check_choices(cfg, device)  # model.kernels may have fallen back to torch
     threads, workers = thread_plan(cfg.data)  # this node's cores divided among its ranks, not multiplied
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -207,6 +211,8 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
               f"precision {cfg.train.precision}; targets "
               + (f"online ({cfg.tokenizer.kind} tokenizer on the {'GPU' if cuda else 'CPU'} every step, "
                  f"{cfg.tokenizer.precision}, images from {cfg.data.root})" if online else f"from {cfg.data.cache}"))
+        for note in checked:
+            print(f"[train] {note}")
         if tokenizer is None and not online:
             print(f"[train] note: tokenizer.path={cfg.tokenizer.path or '(empty)'} is not on this machine, so the "
                   f"cache's tokenizer ({cache.settings['tokenizer']['kind']}, weights "
@@ -394,7 +400,7 @@ def main(argv=None) -> int:
     try:
         pretrain(cfg, world, rank, device, out)
         return 0
-    except (ConfigError, CacheError, StartError) as e:
+    except (ConfigError, CacheError, StartError, selfcheck.SelfCheckFailed) as e:
         print(f"train: cannot start: {e}", file=sys.stderr)
         return 2
     except LoopFailure as f:  # the traceback for a bug report where it helps, the message last

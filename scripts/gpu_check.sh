@@ -21,6 +21,10 @@ mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 status=0
+# first: the environment and every start-up self-check on this GPU (beitfast/doctor.py)
+"$PY" -m beitfast.doctor --cfg base.yaml 2>&1 | tee "$OUT/doctor.log" | tail -4
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+tail -n 1 "$OUT/doctor.log" > "$OUT/doctor.json"
 # GPU tests with the kernels compiled for real (TRITON_INTERPRET must be unset at import)
 env -u TRITON_INTERPRET "$PY" -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ffcv_skip_reason
 
 
 @pytest.mark.parametrize("script,keys", [
@@ -16,6 +16,7 @@ from tests.conftest import ROOT
     ("bench_tokenize.py", ["dvae_tiny_views_per_s", "dalle_images_per_s", "online_dalle_ms_per_step_b128",
                           "rss_growth_4x_data"]),
     ("bench_loader.py", ["images_per_s_reference_t2", "images_per_s_dali_t2", "ratio_dali_vs_reference_t2",
+                        "jitter_max_vs_whole_image",
                         "pixel_mad_dali_vs_reference", "step_images_per_s", "together_images_per_s_dali",
                         "jitter_mad_vs_whole_image"]),
     ("bench_train.py", ["images_per_s_reference", "images_per_s_+cache", "images_per_s_+dali",
@@ -24,11 +25,20 @@ from tests.conftest import ROOT
     ("bench_kernels.py", ["layernorm_torch_ms", "residual_torch_ms", "head_torch_ms", "head_chunked_ms"]),
     ("bench_model.py", ["images_per_s", "mfu", "matmul_peak_tflops"]),
 ])
-def test_benchmark_tiny_mode(script, keys):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], cwd=ROOT,
+def test_benchmark_tiny_mode(script, keys, tmp_path):
+    """Every code path of the full mode runs in the tiny one (bench_train writes its result rows,
+    here to a temporary file; bench_loader runs every backend)."""
+    extra = ["--results", str(tmp_path / "rows.jsonl")] if script == "bench_train.py" else []
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *extra], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout.strip().splitlines()[-1])
     for k in keys:
         assert row[k] > 0, k
     assert row["machine"]["cores"] >= 1
+    if script == "bench_train.py":
+        rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+        assert {r["recipe"] for r in rows} == set(row["recipes"]) and all(r["images_per_s"] > 0 for r in rows)
+    if script == "bench_loader.py" and not ffcv_skip_reason():
+        assert row["images_per_s_ffcv_t2"] > 0 and row["pixel_mad_ffcv_vs_reference"] >= 0
+

@@ -231,27 +231,37 @@ def test_dali_gpu_pipeline_matches_the_cpu_one(cache):
 @pytest.mark.skipif(DEV != "cuda", reason="the DALI GPU pipeline needs a GPU")
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="DALI not installed")
 def test_dali_gpu_batches_are_handed_over_in_stream_order(cache):
-    """A batch still being read on torch's stream is not overwritten by the batches DALI makes
-    after it (the outputs are copied on the consumer's stream), and asking for batches makes
-    no torch-level host synchronisation."""
+    """The hand-off is safe by construction: with torch's stream held up by a sleep kernel, a
+    batch's copy is queued behind it while DALI works ahead and the batch's own reference is
+    dropped; read twice (once behind the sleep, once after DALI made prefetch + 2 more batches),
+    it equals the CPU graph's batch of the same views. Asking for batches makes no torch-level
+    host synchronisation."""
     from beitfast.data.cache import TokenCache
     from beitfast.data.loader import build_loader
 
-    s = build_loader(_dali_gpu_cfg(cache, "data.prefetch=2"), TokenCache(cache[0]), device="cuda").stream(0)
+    cfg = _dali_gpu_cfg(cache, "data.prefetch=2")
+    c = TokenCache(cache[0])
+    s = build_loader(cfg, c, device="cpu").stream(0)
+    want = {k: v.clone() for k, v in next(s).items()}
+    s.close()
+    s = build_loader(cfg, c, device="cuda").stream(0)
     try:
+        torch.cuda._sleep(int(2e9))  # torch's stream busy: what the hand-off queues waits behind this
         b0 = next(s)
-        torch.cuda.synchronize()
-        want = b0["images"].cpu()
-        torch.cuda._sleep(int(5e8))  # keep torch's stream busy while DALI works ahead
-        got = b0["images"].clone()  # runs after the sleep, on torch's stream
+        first = b0["images"].float().clone()  # read 1, queued behind the sleep
+        tokens = b0["tokens"].clone()
+        del b0  # the batch's own reference gone: only the hand-off keeps DALI from reusing its buffer
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for _ in range(4):  # DALI may reuse b0's memory for these
-                b = next(s)
-                b["tokens"].sum()
+            later = [next(s) for _ in range(cfg.data.prefetch + 2)]  # DALI may reuse freed buffers for these
+            later[-1]["tokens"].sum()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        second = first.clone()  # read 2, after DALI worked ahead
         torch.cuda.synchronize()
-        assert torch.equal(got.cpu(), want)
+        assert torch.equal(tokens.cpu(), want["tokens"])
+        for got in (first, second):
+            mad = float((got.cpu() - want["images"].float()).abs().mean()) * 255 * 0.226
+            assert mad < 1.0, f"mean |handed over - cpu| = {mad:.2f} grey levels"
     finally:
         s.close()

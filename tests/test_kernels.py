@@ -41,28 +41,30 @@ def test_layer_norm_3d_input():
         torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_dtypes_follow_the_residual_policy():
-    """fp32 stream in, bf16 branch: LayerNorm under autocast writes bf16 (dx stays fp32), the
-    residual add writes fp32 (dy stays bf16); Triton and the twins agree on dtypes and values."""
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_mixed_dtypes_follow_the_residual_policy(half):
+    """fp32 stream in, bf16 / fp16 branch (fp16: the V100's precision): LayerNorm under autocast
+    writes the branch dtype (dx stays fp32), the residual add writes fp32 (dy stays in the branch
+    dtype); Triton and the twins agree on dtypes and values."""
     g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
     x = torch.randn(2, 9, 48, generator=g).requires_grad_()
-    y = torch.randn(2, 9, 48, generator=g).to(torch.bfloat16).requires_grad_()
+    y = torch.randn(2, 9, 48, generator=g).to(half).requires_grad_()
     w, b = torch.randn(48, generator=g).requires_grad_(), torch.randn(48, generator=g).requires_grad_()
     gamma = torch.full((48,), 1e-5).requires_grad_()
     scale = torch.tensor([1.25, 0.0])
     res = {}
     for impl in ("torch", "triton"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=half):
             ln = K.layer_norm(x, w, b, 1e-6, impl)
         out = K.residual_add(x, y, gamma, scale, impl)
-        assert ln.dtype == torch.bfloat16 and out.dtype == torch.float32, impl
+        assert ln.dtype == half and out.dtype == torch.float32, impl
         for t in (x, y, w, b, gamma):
             t.grad = None
         (ln.float().square().sum() + (out * torch.linspace(-1, 1, 48)).sum()).backward()
-        assert x.grad.dtype == torch.float32 and y.grad.dtype == torch.bfloat16
+        assert x.grad.dtype == torch.float32 and y.grad.dtype == half
         res[impl] = [ln.detach().float(), out.detach(), x.grad, y.grad.float(), w.grad, b.grad, gamma.grad]
     for what, f, s in zip(("ln", "out", "dx", "dy", "dw", "db", "dgamma"), res["triton"], res["torch"]):
-        err = float((f - s).norm() / s.norm())  # bf16 outputs may differ by one unit in the last place
+        err = float((f - s).norm() / s.norm())  # half outputs may differ by one unit in the last place
         assert err < 1e-2, (what, err)
     # 1e-5 * y is far below bf16's resolution of x: only an fp32 output keeps it
     assert (res["torch"][1][0] != x.detach()[0]).float().mean() > 0.9  # sample 1 is dropped (scale 0)
@@ -107,6 +109,30 @@ def test_masked_head(use_triton, chunk, pad):
         assert int(res[name][1]) == int(res["ref"][1]) and int(res[name][2]) == int(mask.sum())
         for f, s in zip(res[name][3:] + res[name][:1], res["ref"][3:] + res["ref"][:1]):
             torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_masked_head_in_half_precision(half):
+    """The head as the model calls it under autocast (h in the branch dtype, fp32 weights): the
+    Triton head against the twin, loss and gradients, in bf16 and fp16 (the V100's)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    b, n, d, v = 2, 13, 32, 96
+    h = torch.randn(b, n, d, generator=g).to(half).requires_grad_()
+    w, bias = (torch.randn(v, d, generator=g) * 0.2).requires_grad_(), torch.randn(v, generator=g).requires_grad_()
+    mask = torch.rand(b, n, generator=g) < 0.5
+    tgt = torch.randint(0, v, (b, n), generator=g)
+    res = {}
+    for impl in ("triton", "torch"):
+        for t in (h, w, bias):
+            t.grad = None
+        with torch.autocast("cpu", dtype=half):
+            loss, correct, cnt = K.masked_head(h, mask, w, bias, tgt, impl=impl, max_rows=int(mask.sum()) + 3)
+        loss.backward()
+        assert h.grad.dtype == half
+        res[impl] = (loss.detach().float(), h.grad.float(), w.grad.float(), bias.grad.float())
+    for what, f, s in zip(("loss", "dh", "dw", "db"), res["triton"], res["torch"]):
+        err = float((f - s).norm() / s.norm())
+        assert err < 2e-2, (what, half, err)
 
 
 @pytest.mark.parametrize("max_rows", [None, 6])

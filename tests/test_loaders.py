@@ -149,6 +149,24 @@ def test_resume_mid_epoch_sees_the_same_samples(backend_cache):
     assert not torch.equal(full[0]["index"], full[2 * spe]["index"])  # epoch 1 has its own order
 
 
+def test_a_batch_keeps_its_values_while_later_batches_are_made(backend_cache):
+    """Safe by construction: a yielded batch, NOT cloned, still holds the same values after the
+    stream has produced data.prefetch + 2 more batches (a backend handing out views of buffers
+    it reuses, as DALI's dynamic executor and FFCV's queue do, fails this)."""
+    backend, cache = backend_cache
+    cfg = _cfg(cache, backend, "data.prefetch=2")
+    s = build_loader(cfg, TokenCache(cache[0])).stream(0)
+    try:
+        first = next(s)
+        kept = {k: v.clone() for k, v in first.items()}
+        later = [next(s) for _ in range(cfg.data.prefetch + 2)]
+        for k in kept:
+            assert torch.equal(first[k], kept[k]), f"{backend}: batch 0's {k} changed while later batches were made"
+        assert not torch.equal(later[-1]["index"], kept["index"])
+    finally:
+        s.close()
+
+
 def test_threads_are_divided_among_the_ranks_of_a_node():
     class D:
         num_threads, workers = 0, -1

@@ -13,11 +13,24 @@ The graph, top to bottom (`training_pipeline`):
     .gpu()               tokens and masks join the images on the GPU
 
 Executed asynchronously and pipelined (`exec_async`, `exec_pipelined`) with a prefetch queue
-of `data.prefetch` (>= 2) batches; DALIGenericIterator hands the outputs to torch with the
-copy ordered on torch's current stream, so nothing races with the step in flight and no step
-waits on a host synchronisation or a blocking copy. The index stays on the CPU.
+of `data.prefetch` (>= 2) batches. DALI 2.4 then runs its dynamic executor, whose outputs are
+reference-counted buffers of DALI's own pools (DALIGenericIterator would hand out zero-copy
+`from_dlpack` views of them and ask for them with a host wait on DALI's stream). The hand-off
+here (`DaliLoader.stream`) is safe by construction instead:
+
+    share_outputs(torch's current stream)   the outputs are made ready on the stream the step
+                                            runs on (an event wait on the GPU, no host wait)
+    GPU outputs: a copy on that stream      the batch we yield is torch's memory, ordered and
+                                            freed by torch's allocator like any tensor
+    the DALI views held until an event      recorded after the copies: DALI cannot reuse a
+                                            buffer a queued copy still reads
+    CPU outputs: DALI's buffers as they are reference-counted: alive while the batch is
+
+The index stays on the CPU.
 """
 from __future__ import annotations
+
+from collections import deque
 
 import numpy as np
 import torch
@@ -72,6 +85,8 @@ def training_pipeline(source: CacheSource, spec: MaskSpec, *, batch: int, size: 
     def pipe():
         (jpegs, start, shape, flip, mats, tokens, key, index) = fn.external_source(
             source=source, num_outputs=8, batch=True, batch_info=True, parallel=workers > 0,
+            # as deep as the pipeline's queue: DALI's default (1) keeps one of the workers busy at a time
+            **({"prefetch_queue_depth": prefetch} if workers > 0 else {}),
             dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT, types.INT32, types.INT64,
                    types.INT64])
         images = dali_view(jpegs, start, shape, flip, mats, size, interp, "gpu" if gpu else "cpu",
@@ -96,34 +111,53 @@ class DaliLoader:
 
     def stream(self, start_step: int = 0):
         """Micro-batches from optimizer step `start_step` on, across epochs, without end."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+        from nvidia.dali.backend import TensorListGPU
 
         from beitfast.data.loader import pipeline_args, render_error
 
         self.sampler.start_step = start_step
         args = pipeline_args(self.cfg, self.view)
+        prefetch = max(2, self.cfg.data.prefetch)
         source = CacheSource(self.cache.path, self.sampler, self.cfg.train.seed, self.cfg.mask.seed)
+        gpu = self.device.type == "cuda"
         pipe = training_pipeline(source, MaskSpec.from_config(self.cfg.mask, self.grid), batch=self.sampler.batch,
-                                 gpu=self.device.type == "cuda", device_id=self.device.index or 0,
-                                 threads=self.threads, workers=self.workers, prefetch=max(2, self.cfg.data.prefetch),
-                                 hw_decoder_load=self.cfg.data.hw_decoder_load, **args)
+                                 gpu=gpu, device_id=self.device.index or 0, threads=self.threads,
+                                 workers=self.workers, prefetch=prefetch, hw_decoder_load=self.cfg.data.hw_decoder_load,
+                                 **args)
         pipe.build()
         self._pipe = pipe
+        stream = torch.cuda.current_stream(self.device) if gpu else None
+        held = deque()  # (DALI views, event after their copies) of batches whose copies may be queued
         t = 0
         try:
             while True:
                 try:
-                    if self._iter is None:  # it runs the first batches as it is made
-                        self._iter = DALIGenericIterator([pipe], list(OUTPUTS), auto_reset=False)
-                    (out,) = next(self._iter)
+                    if t == 0:
+                        pipe.schedule_run()  # the first call fills the prefetch queue
+                    outs = pipe.share_outputs(cuda_stream=stream)
                 except RuntimeError as e:  # the batch that failed is one of those in the queue
-                    idx = [j for k in range(t, t + max(2, self.cfg.data.prefetch) + 1)
-                           for j in self.sampler.micro_batch(k)[1]]
+                    idx = [j for k in range(t, t + prefetch + 1) for j in self.sampler.micro_batch(k)[1]]
                     raise render_error(self.cache, idx, e) from e
+                views = [_gpu_view(o.as_tensor(), self.device) if isinstance(o, TensorListGPU)
+                         else torch.from_dlpack(o.as_tensor()) for o in outs]
+                images, tokens, mask, index = views
+                tokens = tokens.long()  # a copy (int32 in DALI)
+                if gpu:  # our own copies on torch's stream; DALI's buffers held until they are done
+                    images, mask = images.clone(), mask.clone()
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    held.append((views, ev))
+                    while held and (held[0][1].query() or len(held) > prefetch + 2):
+                        held.popleft()[1].synchronize()  # done already but for a GPU that far behind
+                pipe.release_outputs()  # DALI's own references: ours are the views above
+                pipe.schedule_run()
                 t += 1
-                yield {"images": out["images"], "tokens": out["tokens"].view(-1, self.grid, self.grid).long(),
-                       "mask": out["mask"].view(-1, self.grid, self.grid), "index": out["index"].view(-1)}
+                yield {"images": images, "tokens": tokens.view(-1, self.grid, self.grid),
+                       "mask": mask.view(-1, self.grid, self.grid), "index": index.view(-1)}
         finally:
+            if held:
+                held[-1][1].synchronize()
+            held.clear()
             self.close()
 
     def close(self) -> None:
@@ -134,3 +168,9 @@ class DaliLoader:
             pipe._shutdown()
             if pool is not None:
                 pool.close()
+
+
+def _gpu_view(tensor_gpu, device: torch.device) -> torch.Tensor:
+    """A torch view of a DALI GPU tensor, on `device` (whose stream share_outputs bound it to)."""
+    with torch.cuda.device(device):
+        return torch.from_dlpack(tensor_gpu)

@@ -443,8 +443,12 @@ class FfcvLoader:
                     if batch is None:
                         break
                     images, tokens, mask, index = batch
-                    yield {"images": images.to(self.image_dtype), "tokens": tokens.view(-1, self.grid, self.grid),
-                           "mask": mask, "index": index.view(-1)}
+                    # FFCV's buffers come back batches_ahead + 2 batches later: the batch we yield is
+                    # our own copy, made on torch's stream (FFCV's __next__ made it wait for the
+                    # transfer), so it stays valid however long the caller keeps it
+                    yield {"images": images.to(self.image_dtype, copy=True),
+                           "tokens": tokens.view(-1, self.grid, self.grid).clone(), "mask": mask.clone(),
+                           "index": index.view(-1).clone()}
                 epoch += 1
         finally:
             self.close()
