@@ -74,8 +74,10 @@ def masked_head_ref(h, mask, weight, bias, targets, max_rows: int | None = None)
 if triton is not None:
 
     @triton.jit
-    def _ce_fwd_bwd(LOGITS, TGT, WROW, LOSS, CORRECT, V, stride, BLOCK: tl.constexpr):
-        """Per row: loss = lse - logit[t]; correct = (argmax == t); logits <- (softmax - onehot) * w_row."""
+    def _ce_fwd_bwd(LOGITS, TGT, WROW, LOSS, CORRECT, V: tl.constexpr, stride, BLOCK: tl.constexpr):
+        """Per row: loss = lse - logit[t]; correct = (argmax == t); logits <- (softmax - onehot) * w_row.
+        V (the vocabulary) is a compile-time constant: one compilation a run, and Triton 3.4's
+        interpreter cannot loop to a run-time bound under numpy 2 (the compatibility run)."""
         row = tl.program_id(0)
         base = LOGITS + row * stride
         t = tl.load(TGT + row)

@@ -69,3 +69,17 @@ def ffcv_cache(cache):
 
     assert to_ffcv(["--cache", str(cache[0]), "--workers", "2", "--stall-timeout", "120"]) == 0
     return cache
+
+
+@pytest.fixture(scope="session")
+def gpu_check_dry_run(tmp_path_factory):
+    """scripts/gpu_check.sh --dry-run, once: (its $OUT, the summary rows by stage, the
+    CompletedProcess). The benchmarks' tiny modes run inside it (tests/test_benchmarks.py)."""
+    import json
+    import subprocess
+
+    out = tmp_path_factory.mktemp("gpu_check") / "out"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+                       env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=1500)
+    rows = [json.loads(x) for x in (out / "summary.jsonl").read_text().splitlines()] if (out / "summary.jsonl").exists() else []
+    return out, {row["stage"]: row for row in rows}, r

@@ -267,7 +267,7 @@ def test_mim_step_traces_as_one_graph_with_the_mask_budget():
         out["loss"].backward()
         torch.testing.assert_close(out["loss"], eager, rtol=1e-5, atol=1e-6)
         torch._dynamo.reset()
-        with pytest.raises(Exception, match="data-dependent"):
+        with pytest.raises(Exception, match="data-dependent|depends on input Tensor data"):  # torch 2.14 | 2.8
             torch.compile(m, fullgraph=True, backend="eager")(x, mask, tgt)
     finally:
         torch._dynamo.reset()

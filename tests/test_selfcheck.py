@@ -114,18 +114,13 @@ def test_the_trainer_says_what_auto_chose_and_records_it(cache, tmp_path, capsys
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
-def test_doctor_reports_and_fails_on_a_wrong_kernel(monkeypatch, capsys):
-    """python -m beitfast.doctor on this CPU: versions, choices, self-checks, throughput, its JSON
-    last; exit 1 when a check fails (a wrong kernel injected)."""
+def test_doctor_fails_on_a_wrong_kernel(monkeypatch, capsys):
+    """python -m beitfast.doctor exits 1 when a check fails (a wrong kernel injected), its JSON
+    last. (Its passing run on this CPU is the dry run's doctor stage, tests/test_gpu_check.py.)"""
     from beitfast import doctor
 
-    over = ["data.batch_size=2", "model.img_size=32", "mask.num_patches=4", "mask.min_patches=2"]
-    assert doctor.main(["--cfg", "tiny.yaml", "--steps", "1", *over]) == 0
-    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rep["ok"] and rep["packages"]["torch"]["imports"] and rep["throughput"]["images_per_s"] > 0
-    assert [r["component"] for r in rep["self_check"]] == ["attention:sdpa"]  # auto on a CPU: the torch twins
-    assert rep["auto"]["precision"].startswith("fp32")
     monkeypatch.setattr(K, "layer_norm_triton", _wrong_layer_norm)
-    assert doctor.main(["--cfg", "tiny.yaml", "--steps", "0", "model.kernels=triton", *over]) == 1
+    over = ["data.batch_size=2", "model.img_size=32", "mask.num_patches=4", "mask.min_patches=2", "model.kernels=triton"]
+    assert doctor.main(["--cfg", "tiny.yaml", "--steps", "0", *over]) == 1
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not rep["ok"] and "kernel:layer_norm" in rep["failed"][0]
