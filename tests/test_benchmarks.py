@@ -9,6 +9,11 @@ import pytest
 from tests.conftest import ROOT, ffcv_skip_reason
 
 
+STAGE = {"bench_masking.py": "masking", "bench_tokenizer.py": "tokenizer", "bench_loader.py": "dali_loader",
+         "bench_train.py": "train", "bench_kernels.py": "kernels", "bench_model.py": "model"}
+
+
+@pytest.mark.timeout(1800)  # the first of these runs the gpu_check dry run (about 7 minutes alone)
 @pytest.mark.parametrize("script,keys", [
     ("bench_masking.py", ["numba_masks_per_s", "reference_masks_per_s", "speedup", "batch2048_ms"]),
     ("bench_tokenizer.py", ["dalle_fp32_images_per_s", "dalle_bf16_images_per_s", "dalle_gflop_per_image",
@@ -25,8 +30,6 @@ from tests.conftest import ROOT, ffcv_skip_reason
     ("bench_kernels.py", ["layernorm_torch_ms", "residual_torch_ms", "head_torch_ms", "head_chunked_ms"]),
     ("bench_model.py", ["images_per_s", "mfu", "matmul_peak_tflops"]),
 ])
-STAGE = {"bench_masking.py": "masking", "bench_tokenizer.py": "tokenizer", "bench_loader.py": "dali_loader",
-         "bench_train.py": "train", "bench_kernels.py": "kernels", "bench_model.py": "model"}
 
 
 def test_benchmark_tiny_mode(script, keys, request):

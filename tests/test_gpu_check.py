@@ -8,12 +8,15 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from tests.conftest import ROOT
 
 STAGES = ["doctor", "model", "gpu_tests", "dali_loader", "train", "tokenizer", "kernels", "masking", "finetune",
           "segment"]
 
 
+@pytest.mark.timeout(1800)  # the dry run, when this test is the first to ask for it
 def test_dry_run_runs_every_stage_within_the_limits(gpu_check_dry_run):
     out, rows, r = gpu_check_dry_run
     assert list(rows) == STAGES, (list(rows), r.stdout[-2000:], r.stderr[-2000:])
@@ -33,6 +36,7 @@ def test_dry_run_runs_every_stage_within_the_limits(gpu_check_dry_run):
     assert "passed" in " ".join(rows["gpu_tests"]["tail"])
 
 
+@pytest.mark.timeout(1800)
 def test_results_are_filed_with_the_device(gpu_check_dry_run, tmp_path):
     out = gpu_check_dry_run[0]
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_results.sh"), str(out), str(tmp_path)],
