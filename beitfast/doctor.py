@@ -63,7 +63,8 @@ def throughput(cfg, device, steps: int) -> dict:
     """The configured model's training step on synthetic batches, compiled when the config says."""
     from benchmarks.bench_model import matmul_peak, step_flops
     from beitfast.model import Beit, BeitArgs
-    from beitfast.selfcheck import _budget_mask, amp_dtype
+    from beitfast.precision import amp_dtype
+    from beitfast.selfcheck import _budget_mask
 
     dt = amp_dtype(cfg.train.precision)
     b = cfg.data.batch_size
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     try:
         prec, why = resolve(cfg.train.precision, device)
         cfg.train.precision = prec
-        report["auto"] = {"precision": why, **{k: v for k, v in check_choices(cfg, device).items()}}
+        report["auto"] = {"precision": why, **check_choices(cfg, device)}
     except (ValueError, ConfigError) as e:
         failed.append(f"config: {e}")
         report["auto"] = {"error": str(e)}
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     try:
         rows, notes = selfcheck.startup_pretrain(cfg, device, cache)
         report["self_check"] = rows
-        print(f"[doctor] {notes[-1] if len(notes) == 1 else '; '.join(notes)}")
+        print(f"[doctor] {'; '.join(notes)}")
     except selfcheck.SelfCheckFailed as e:
         failed.append(str(e))
         report["self_check"] = {"failed": str(e)}

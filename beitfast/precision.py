@@ -43,3 +43,8 @@ def resolve(choice: str, device: torch.device | str, capability: tuple[int, int]
         raise ValueError(f"train.precision=bf16: {name} (compute capability {cc[0]}.{cc[1]}) has no native bf16 "
                          f"(8.0 and up); use train.precision=auto (fp16 with the GradScaler there) or fp16")
     return choice, f"{choice}, as configured"
+
+
+def amp_dtype(precision: str) -> torch.dtype:
+    """The autocast dtype of a resolved precision (float32: no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
