@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    size: Literal["tiny", "small", "base", "large"] = "base"
+    size: Literal["micro", "tiny", "small", "base", "large"] = "base"
     img_size: int = 224
     patch_size: int = 16
     vocab_size: int = 8192
@@ -130,6 +130,9 @@ class LogConfig:
     progress: bool = True
     tensorboard: bool = False  # also write TensorBoard event files next to metrics.jsonl
     profile_steps: int = 0  # >0: profile this many steps (after 3 warm-up steps) into <out>/profile/
+    mim_eval: str = ""  # name:DIR,... token caches scored on fixed views into <out>/mim_eval.jsonl (beitfast/mim_eval.py)
+    mim_eval_every_epochs: int = 1
+    mim_eval_images: int = 256
 
 
 class Sections:
@@ -251,7 +254,7 @@ class DVAEConfig(Sections):
 # --------------------------------------------------------------------------- fine-tuning
 @dataclass
 class FTModelConfig:
-    size: Literal["tiny", "small", "base", "large"] = "base"
+    size: Literal["micro", "tiny", "small", "base", "large"] = "base"
     img_size: int = 224
     patch_size: int = 16
     drop_path: float = 0.1
@@ -347,7 +350,7 @@ class FinetuneConfig(Sections):
 # --------------------------------------------------------------------------- segmentation
 @dataclass
 class SegModelConfig:
-    size: Literal["tiny", "small", "base", "large"] = "base"
+    size: Literal["micro", "tiny", "small", "base", "large"] = "base"
     img_size: int = 512  # the crop the model is built for (rel-pos tables interpolated to it)
     patch_size: int = 16
     drop_path: float = 0.1

@@ -16,8 +16,10 @@ view per image (resize the short side, centre crop) instead of random-resized-cr
 while the heads train, so features can be cached; each feature standardised with the
 training split's mean and std (no learnt parameters: the reference has no BatchNorm, and
 unscaled features of different blocks would need a learning rate each); full-batch AdamW
-(weight decay 1e-4, cosine schedule) on the cached features. Results: `probe.json` (per-block
-and best accuracy), last line of the output one JSON object.
+(weight decay 1e-4, cosine schedule) on the cached features. The same features also feed a
+weighted kNN classifier (DINO's: cosine similarity, k = 20, temperature 0.07; `--knn-k`,
+`--knn-t`), reported per block under "knn". Results: `probe.json` (per-block and best accuracy),
+last line of the output one JSON object.
 """
 from __future__ import annotations
 
@@ -176,6 +178,27 @@ def train_heads(tr: dict, va: dict, epochs: int, lr: float, wd: float, seed: int
             "acc": round(float(acc.max()), 4)}
 
 
+@torch.no_grad()
+def knn_accuracy(tr: dict, va: dict, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> dict:
+    """Weighted kNN on frozen features as DINO evaluates it, for every block: each feature
+    L2-normalised, the k most cosine-similar training features vote for their class with weight
+    exp(similarity / temperature); top-1 of the vote on the validation features."""
+    xt, yt, xv, yv = F.normalize(tr["features"], dim=-1), tr["labels"], F.normalize(va["features"], dim=-1), va["labels"]
+    n_cls = int(max(yt.max(), yv.max())) + 1
+    k = min(k, xt.shape[1])
+    accs = []
+    for b in range(xt.shape[0]):
+        correct = 0
+        for i in range(0, xv.shape[1], chunk):
+            sim, idx = (xv[b, i:i + chunk] @ xt[b].T).topk(k, dim=1)
+            votes = torch.zeros(sim.shape[0], n_cls).scatter_add_(1, yt[idx], (sim / temperature).exp())
+            correct += int((votes.argmax(1) == yv[i:i + chunk]).sum())
+        accs.append(correct / xv.shape[1])
+    best = max(range(len(accs)), key=accs.__getitem__)
+    return {"per_block": [round(a, 4) for a in accs], "best_block": best + 1, "acc": round(accs[best], 4), "k": k,
+            "temperature": temperature}
+
+
 def probe(args) -> dict:
     cfg = load_config(args.cfg, args.overrides)
     out = Path(args.out)
@@ -198,11 +221,14 @@ def probe(args) -> dict:
             print(f"[probe] {split}: {len(feats[split]['skipped'])} unreadable file(s) skipped, e.g. "
                   f"{feats[split]['skipped'][0]['file']}")
     res = train_heads(feats["train"], feats[args.val_split], args.epochs, args.lr, args.wd, args.seed)
+    res["knn"] = knn_accuracy(feats["train"], feats[args.val_split], args.knn_k, args.knn_t)
     res.update(what, train_images=int(len(feats["train"]["labels"])),
                val_images=int(len(feats[args.val_split]["labels"])), epochs=args.epochs)
     atomic_write_json(out / "probe.json", res)
     print(f"[probe] {what['encoder']}: best block {res['best_block']} of {len(res['per_block'])}, top-1 "
           f"{res['acc']:.4f} on {res['val_images']} {args.val_split} images -> {out / 'probe.json'}")
+    print(f"[probe] kNN (k={res['knn']['k']}, T={res['knn']['temperature']}): best block {res['knn']['best_block']}, "
+          f"top-1 {res['knn']['acc']:.4f}")
     print(json.dumps(res))
     return res
 
@@ -221,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wd", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN probe (DINO's 20)")
+    ap.add_argument("--knn-t", type=float, default=0.07, help="temperature of the kNN vote weights (DINO's 0.07)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)

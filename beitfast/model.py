@@ -21,6 +21,7 @@ from torch import nn
 import kernels
 
 SIZES = {  # dim, depth, heads, default layer-scale init
+    "micro": (96, 4, 3, 0.1),  # long schedules on 2 CPU cores (configs/micro.yaml)
     "tiny": (192, 12, 3, 0.1),
     "small": (384, 12, 6, 0.1),
     "base": (768, 12, 12, 0.1),

@@ -288,6 +288,18 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out), purge_step=step + 1)  # a resumed run drops events past its checkpoint
+    probe = None
+    if cfg.log.mim_eval and main_proc:  # fixed views of the same images: the memorisation probe
+        from beitfast.mim_eval import MimProbe, append_row
+
+        try:
+            probe = MimProbe(cfg, device)
+        except ValueError as e:  # CacheError included
+            raise StartError(str(e)) from None
+        reset_metrics(out / "mim_eval.jsonl", step)
+        if step == 0:
+            append_row(out / "mim_eval.jsonl", {"step": 0, "epoch": 0, **probe(model)})
+    eval_every = max(1, cfg.log.mim_eval_every_epochs * steps_per_epoch)
     prof = start_profiler(out / "profile", cfg.log.profile_steps, cuda) if (main_proc and cfg.log.profile_steps) else None
     bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
     batches = loader.stream(step)  # the backend prepares data.prefetch batches ahead on its own
@@ -364,6 +376,9 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                     raise non_finite(first, step)
                 checkpoint(step)
                 last_good = step
+            if probe is not None and (step % eval_every == 0 or step == total):
+                append_row(out / "mim_eval.jsonl", {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                                                    **probe(model)})
             if step == cfg.train.stop_at:
                 if main_proc:
                     print(f"[train] stopped at step {step} as asked (train.stop_at); re-run to resume")

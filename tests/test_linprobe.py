@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from beitfast.linprobe import main, train_heads
+from beitfast.linprobe import knn_accuracy, main, train_heads
 
 
 def test_heads_learn_separable_features_and_not_shuffled_labels():
@@ -29,6 +29,34 @@ def test_heads_learn_separable_features_and_not_shuffled_labels():
     assert max(train_heads(tr, va, 100, 1e-2, 1e-4, 0)["per_block"]) < 0.5
 
 
+def _knn_twin(xt, yt, xv, k, t):
+    """The weighted kNN vote written out one validation point at a time (sorted by hand)."""
+    preds = []
+    for v in xv:
+        sims = [(float(torch.dot(v / v.norm(), u / u.norm())), int(c)) for u, c in zip(xt, yt)]
+        sims.sort(key=lambda s: -s[0])
+        votes = {}
+        for s, c in sims[:k]:
+            votes[c] = votes.get(c, 0.0) + float(torch.tensor(s / t).exp())
+        preds.append(max(votes, key=votes.get))
+    return preds
+
+
+def test_knn_matches_its_twin_beats_chance_and_falls_to_chance_on_shuffled_labels():
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
+    n, d, c = 240, 12, 4
+    y = torch.randint(0, c, (n,), generator=g)
+    good = torch.randn(c, d, generator=g)[y] * 2 + torch.randn(n, d, generator=g)
+    feats = torch.stack([torch.randn(n, d, generator=g), good])
+    tr, va = {"features": feats[:, :200], "labels": y[:200]}, {"features": feats[:, 200:], "labels": y[200:]}
+    res = knn_accuracy(tr, va, k=7, temperature=0.1, chunk=16)
+    twin = _knn_twin(feats[1, :200], y[:200], feats[1, 200:], 7, 0.1)
+    assert res["per_block"][1] == round(sum(int(p == int(q)) for p, q in zip(twin, y[200:])) / 40, 4)
+    assert res["best_block"] == 2 and res["acc"] > 0.8 and res["per_block"][0] < 0.6, res
+    shuffled = {"features": feats[:, :200], "labels": y[:200][torch.randperm(200, generator=g)]}
+    assert max(knn_accuracy(shuffled, va)["per_block"]) < 0.6
+
+
 def test_cli_probes_random_pixels_and_a_checkpoint_and_reuses_features(toy_root, tmp_path, capsys):
     from beitfast.model import Beit, BeitArgs
     from beitfast.config import load_config
@@ -38,6 +66,7 @@ def test_cli_probes_random_pixels_and_a_checkpoint_and_reuses_features(toy_root,
     assert main(["--ckpt", "random", *args]) == 0
     res = json.loads((out / "probe.json").read_text())
     assert res["encoder"] == "random" and len(res["per_block"]) == 12 and 0 <= res["acc"] <= 1
+    assert len(res["knn"]["per_block"]) == 12 and res["knn"]["k"] == 20 and 0 <= res["knn"]["acc"] <= 1
     assert res["val_images"] == 20 and res["train_images"] == 117  # 3 corrupt train files skipped
     assert (out / "features-train.pt").exists() and (out / "features-val.pt").exists()
     capsys.readouterr()
