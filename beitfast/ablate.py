@@ -215,9 +215,9 @@ def main(argv=None) -> int:
     rows = [r for r in rows if r.get("epochs") == a.epochs and r.get("ft_epochs") == a.ft_epochs]
     done = {(r["arm"], r["seed"]) for r in rows}
     todo = [(arm, s) for s in a.seeds for arm in a.arms if (arm, s) not in done]  # seed by seed: early rows span every arm
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
-    for arm, seed in tqdm(todo, desc="ablation runs", unit="run", disable=not a.progress):
+    for arm, seed in progress_bar(todo, desc="ablation runs", unit="run", disable=not a.progress):
         try:
             row = dict(run_arm(arm, seed, a, tok), epochs=a.epochs, ft_epochs=a.ft_epochs)
         except RuntimeError as e:

@@ -51,7 +51,7 @@ class ModelConfig:
 class DataConfig:
     root: str = "data/toy_imagenet"
     split: str = "train"
-    backend: Literal["dali", "ffcv", "reference"] = "dali"
+    backend: Literal["auto", "dali", "ffcv", "reference"] = "auto"  # auto: dali over a cache, reference for online targets
     cache: str = ""  # token cache directory written by data_prep/tokenize_imagenet.py
     # cache: targets from the token cache; online: the original recipe, images read from
     # data.root and tokenized on the training device every step

@@ -109,7 +109,7 @@ def throughput(cfg, device, steps: int) -> dict:
 
 
 def loader_probe(cfg, cache, device, batches: int = 10) -> dict:
-    from beitfast.data.loader import build_loader
+    from beitfast.data.loader import build_loader, resolve_backend
 
     s = build_loader(cfg, cache, device=device).stream(0)
     try:
@@ -122,7 +122,8 @@ def loader_probe(cfg, cache, device, batches: int = 10) -> dict:
         dt_s = time.perf_counter() - t
     finally:
         s.close()
-    return {"backend": cfg.data.backend, "batches": batches, "images_per_s": round(batches * b["images"].shape[0] / dt_s, 1)}
+    return {"backend": resolve_backend(cfg.data), "batches": batches,
+            "images_per_s": round(batches * b["images"].shape[0] / dt_s, 1)}
 
 
 def main(argv=None) -> int:

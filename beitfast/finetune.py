@@ -256,13 +256,13 @@ def evaluate(model: nn.Module, ds: EvalSet, rank: int, world: int, device, batch
              progress: bool = False) -> dict:
     """Top-1 / top-5 accuracy and mean cross-entropy over the validation split (all ranks)."""
     import torch.distributed as dist
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     model.eval()
     sub = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
     dl = torch.utils.data.DataLoader(sub, batch_size=batch, num_workers=workers, generator=torch.Generator())
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, n
-    for x, y in tqdm(dl, desc="eval", leave=False, disable=not progress):
+    for x, y in progress_bar(dl, desc="eval", leave=False, disable=not progress):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         keep = y >= 0
         if not keep.any():
@@ -294,7 +294,7 @@ def _amp(precision: str, device: torch.device):
 def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, out: Path) -> dict:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     d, o, t = cfg.data, cfg.optim, cfg.train
     files, labels, classes = list_imagefolder(d.root, d.train_split)
@@ -362,7 +362,7 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
     it = train_batches(ds, d.batch_size, d.workers, device.type == "cuda")
     amp = _amp(t.precision, device)
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=total, initial=step, desc=PROG, unit="step", disable=rank != 0 or not cfg.log.progress)
+    bar = progress_bar(total=total, initial=step, desc=PROG, unit="step", disable=rank != 0 or not cfg.log.progress)
     win = {"loss": torch.zeros((), device=device), "steps": 0, "t": time.perf_counter()}
     last_eval = None
     net.train()
@@ -403,7 +403,7 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
                 if rank == 0:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{loss_v:.3f}")
+                    bar.set_postfix(loss=f"{loss_v:.3f}", img_s=row["images_per_s"])
                 win = {"loss": torch.zeros((), device=device), "steps": 0, "t": time.perf_counter()}
             epoch = step // spe
             if (epoch_end and epoch % t.eval_every_epochs == 0) or step == total:

@@ -43,7 +43,7 @@ def shrink_tree(src: Path, dst: Path, max_side: int, progress: bool) -> Path:
     """A copy of an ImageNet-layout tree with every decodable image re-encoded to `max_side` (the
     cache's own re-encoding); undecodable files are copied as they are (the loaders must still
     skip them). Written to a temporary directory and renamed: a half-made tree is never used."""
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     from beitfast.data.images import BadImage, prepare_for_cache
 
@@ -55,7 +55,7 @@ def shrink_tree(src: Path, dst: Path, max_side: int, progress: bool) -> Path:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p for split in ("train", "val") for p in (src / split).rglob("*") if p.is_file())
-    for p in tqdm(files, desc=f"shrinking to {max_side} px", unit="img", disable=not progress):
+    for p in progress_bar(files, desc=f"shrinking to {max_side} px", unit="img", disable=not progress):
         out = tmp / p.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
         data = p.read_bytes()

@@ -100,7 +100,7 @@ def extract(encoder, root: str, split: str, size: int, mean, std, batch: int, pr
             pixels: bool = False) -> dict:
     """Features of every decodable image of `root/split` (an unreadable file is skipped and
     listed): {'features' (L, N, F) float32, 'labels' (N,), 'skipped': [...]}."""
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     files, labels, classes = list_imagefolder(root, split)
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
@@ -115,7 +115,7 @@ def extract(encoder, root: str, split: str, size: int, mean, std, batch: int, pr
         keep.extend(i for _, i in buf)
         buf.clear()
 
-    for i, f in enumerate(tqdm(files, desc=f"features {split}", unit="img", disable=not progress)):
+    for i, f in enumerate(progress_bar(files, desc=f"features {split}", unit="img", disable=not progress)):
         try:
             buf.append((center_view((Path(root) / f).read_bytes(), f, size), i))
         except (BadImage, OSError) as e:

@@ -351,14 +351,14 @@ def iou_from_confusion(cm: np.ndarray) -> dict:
 def evaluate(model: Segmenter, pairs, cfg: SegConfig, rank: int, world: int, device, amp, png: Path | None = None,
              progress: bool = False) -> dict:
     import torch.distributed as dist
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     d, n = cfg.data, cfg.data.num_classes
     model.eval()
     cm = torch.zeros(n, n, dtype=torch.long, device=device)
     shown = []
     mine = list(range(rank, len(pairs), world))
-    for i in tqdm(mine, desc="eval", leave=False, disable=not progress):
+    for i in progress_bar(mine, desc="eval", leave=False, disable=not progress):
         img, lab = read_pair(*pairs[i], d.reduce_zero_label)
         small, _ = resize_pair(img, None, rescale_size(*lab.shape, d.img_scale))
         x = to_tensor(small, d.mean, d.std)[None].to(device)
@@ -408,7 +408,7 @@ def draw_predictions(shown, n: int, png: Path) -> None:
 
 # ----------------------------------------------------------------------------- training
 def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Path) -> dict:
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     d, o, t = cfg.data, cfg.optim, cfg.train
     pairs = list_ade20k(d.root, d.train_split)
@@ -455,7 +455,7 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
     batches = train_batches(ds, d.batch_size, d.workers, device.type == "cuda")
     amp = _amp(t.precision, device)
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=t.iters, initial=it, desc=PROG, unit="it", disable=rank != 0 or not cfg.log.progress)
+    bar = progress_bar(total=t.iters, initial=it, desc=PROG, unit="it", disable=rank != 0 or not cfg.log.progress)
     win, t0, last = torch.zeros((), device=device), time.perf_counter(), None
     net.train()
     try:
@@ -490,7 +490,7 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
                 if rank == 0:
                     log.write(json.dumps({"step": it, **row}) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{loss_v:.3f}")
+                    bar.set_postfix(loss=f"{loss_v:.3f}", img_s=row["images_per_s"])
                 win, t0 = torch.zeros((), device=device), time.perf_counter()
             if it % t.eval_every == 0 or it == t.iters:
                 last = evaluate(model, vpairs, cfg, rank, world, device, amp, out / "predictions.png" if rank == 0 else None)

@@ -255,7 +255,9 @@ def _startup_pretrain(cfg, device, cache, seed):
         rows.append(check_sdpa(heads, dim, tokens, device, dt, cfg.model.attention, g))
     if cfg.train.compile:
         rows.append(check_compiled_step(args, device, dt, cfg.mask.num_patches, g))
-    if device.type == "cuda" and cfg.data.targets == "cache" and cfg.data.backend == "dali" and cache is not None:
+    from beitfast.data.loader import resolve_backend
+
+    if device.type == "cuda" and cfg.data.targets == "cache" and resolve_backend(cfg.data) == "dali" and cache is not None:
         rows.append(check_dali_gpu(cfg, cache, device))
     _refuse([r for r in rows if not r["ok"] and not r.get("fallback")])
     notes.insert(0, f"self-check on {device.type} in {str(dt).split('.')[-1]} ({time.time() - t0:.1f} s): "

@@ -32,7 +32,7 @@ import kernels  # noqa: E402
 from beitfast import distributed, selfcheck  # noqa: E402
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import CacheError, TokenCache  # noqa: E402
-from beitfast.data.loader import build_loader, one_line, thread_plan  # noqa: E402
+from beitfast.data.loader import build_loader, one_line, resolve_backend, thread_plan  # noqa: E402
 from beitfast.model import Beit, BeitArgs  # noqa: E402
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
 
@@ -205,7 +205,9 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     if main_proc:
         print(f"[train] {world} process(es) x data.batch_size {cfg.data.batch_size} x {accum} accumulation "
-              f"step(s) = global batch {cfg.train.global_batch}; loader: {cfg.data.backend} on the "
+              f"step(s) = global batch {cfg.train.global_batch}; loader: {resolve_backend(cfg.data)}"
+              + (" (data.backend=auto; online targets render with the reference backend)"
+                 if online and cfg.data.backend == "auto" else "") + f" on the "
               f"{'GPU' if cuda else 'CPU'}, {threads} thread(s) and {workers} worker process(es) per rank, "
               f"{cfg.data.prefetch} batches ahead; kernels {resolved['kernels']}; optimizer {resolved['optimizer']}; "
               f"precision {cfg.train.precision}; targets "
@@ -276,7 +278,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                               f"{kept}. Lower optim.lr, lengthen optim.warmup_epochs or tighten optim.clip_grad")
 
     # --- loop
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     # per report window: loss sum, correct, masked, grad-norm sum, grad norms counted, non-finite steps
     acc = torch.zeros(6, device=device)
@@ -301,7 +303,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
             append_row(out / "mim_eval.jsonl", {"step": 0, "epoch": 0, **probe(model)})
     eval_every = max(1, cfg.log.mim_eval_every_epochs * steps_per_epoch)
     prof = start_profiler(out / "profile", cfg.log.profile_steps, cuda) if (main_proc and cfg.log.profile_steps) else None
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
+    bar = progress_bar(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
     batches = loader.stream(step)  # the backend prepares data.prefetch batches ahead on its own
     model.train()
     try:
@@ -365,7 +367,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                         for k, v in row.items():
                             if k not in ("step", "epoch"):
                                 writer.add_scalar(f"train/{k}", v, step)
-                    bar.set_postfix(loss=row["loss"], acc=row["mim_acc"])
+                    bar.set_postfix(loss=row["loss"], acc=row["mim_acc"], img_s=row["images_per_s"])
                 acc.zero_()
                 n_acc, t0, first, waited = 0, time.time(), step + 1, 0.0
             if step % ckpt_every == 0 or step == total or step == cfg.train.stop_at:

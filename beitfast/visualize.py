@@ -100,10 +100,10 @@ def draw(args) -> dict:
     grid = model.grid[0]
     points = parse_points(args.points)
     picks = pick_images(args.data, args.split, args.images)
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     imgs, kept = [], []
-    for f, label in tqdm(picks, desc="images", unit="img", disable=args.no_progress):
+    for f, label in progress_bar(picks, desc="images", unit="img", disable=args.no_progress):
         try:
             imgs.append(center_view((Path(args.data) / f).read_bytes(), f, size))
             kept.append((f, label))

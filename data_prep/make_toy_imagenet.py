@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout (no pip install)
+
 FORMAT = "beitfast-toy-imagenet/1"
 TEXTURES = ("stripes", "checks", "rings", "dots", "blobs")
 SHAPES = ("circle", "square", "triangle", "none")
@@ -178,10 +180,10 @@ def make(out: Path | str, classes: int = 10, per_class: int = 100, val_per_class
     odd = oddities(classes * per_class, corrupt)
     manifest = {"format": FORMAT, "args": args, "classes": [wnid(c) for c in range(classes)],
                 "odd": {}, "counts": {}}
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     total = classes * (per_class + val_per_class)
-    bar = tqdm(total=total, desc=f"toy imagenet -> {out}", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc=f"toy imagenet -> {out}", unit="img", disable=not progress)
     for split, n, sid in (("train", per_class, 0), ("val", val_per_class, 1)):
         count = 0
         for c in range(classes):
@@ -263,10 +265,10 @@ def make_segmentation(out: Path | str, train: int = 300, val: int = 60, classes:
         return old
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
     counts = np.zeros(len(SEG_CLASSES) + 1, np.int64)
-    bar = tqdm(total=train + val, desc=f"toy ade20k -> {out}", unit="img", disable=not progress)
+    bar = progress_bar(total=train + val, desc=f"toy ade20k -> {out}", unit="img", disable=not progress)
     for split, n, sid in (("training", train, 2), ("validation", val, 3)):
         (tmp / "images" / split).mkdir(parents=True)
         (tmp / "annotations" / split).mkdir(parents=True)

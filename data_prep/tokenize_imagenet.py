@@ -177,9 +177,9 @@ def main(argv=None) -> int:
     # --- shards
     mine = [s for s in range(rank, n_shards, world)]
     todo = [s for s in mine if read_done(a.out, s) is None]
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
-    bar = tqdm(total=sum(min(len(paths), (s + 1) * a.shard_size) - s * a.shard_size for s in mine),
+    bar = progress_bar(total=sum(min(len(paths), (s + 1) * a.shard_size) - s * a.shard_size for s in mine),
                desc=f"tokenize[{rank}]" if world > 1 else "tokenize", unit="img", disable=a.no_progress)
     bar.update(bar.total - sum(min(len(paths), (s + 1) * a.shard_size) - s * a.shard_size for s in todo))
     t0, done_imgs = time.time(), 0

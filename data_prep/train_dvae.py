@@ -50,9 +50,9 @@ class Images:
         self.bad: dict[str, str] = {}
         self.cache: dict[int, np.ndarray] = {}
         if preload_side:
-            from tqdm import tqdm
+            from beitfast.progress import progress_bar
 
-            for i in tqdm(range(len(self.paths)), desc=f"decoding {split}", unit="img", leave=False,
+            for i in progress_bar(range(len(self.paths)), desc=f"decoding {split}", unit="img", leave=False,
                           disable=not sys.stderr.isatty()):
                 self.load(i)
         self.good = [i for i in range(len(self.paths)) if self.paths[i] not in self.bad]
@@ -311,9 +311,9 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
 
     # --- loop
-    from tqdm import tqdm
+    from beitfast.progress import progress_bar
 
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="dvae", unit="step",
+    bar = progress_bar(total=cfg.train.steps, initial=step, desc="dvae", unit="step",
                disable=not (main_proc and cfg.log.progress))
     acc = torch.zeros(3, device=device)  # nll, kl, psnr sums since the last report (no host sync)
     code_hist = torch.zeros(arch.vocab_size, device=device)

@@ -33,10 +33,14 @@ def _rows(out):
 
 def test_trains_from_any_directory_with_a_bare_config_name(cache, tmp_path):
     out = tmp_path / "run"
-    r = _train(cache, out, "log.tensorboard=true", cwd=tmp_path)
+    r = _train(cache, out, "log.tensorboard=true", "log.progress=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(out)
     assert rows[-1]["step"] == 28 and [r["step"] for r in rows] == list(range(2, 29, 2))
+    # stderr is a pipe, not a terminal: one plain line a report (and one at the end), no bar refreshes
+    bars = [x for x in r.stderr.splitlines() if x.startswith("[pretrain]")]
+    assert "\r" not in r.stderr and len(bars) == len(rows) + 1, r.stderr[-3000:]
+    assert all("ETA" in x and "img_s=" in x and len(x) < 200 for x in bars[:-1]) and bars[-2].startswith("[pretrain] 28/28")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3, (rows[0], rows[-1])  # it learns
     for row in rows:  # what a user reads off a report
         assert row["steps"] == 2 and row["grad_norm"] > 0 and row["step_time_ms"] > 0 and row["peak_mem_mib"] > 100
@@ -70,11 +74,14 @@ def test_online_targets_learn_and_resume_bitwise(cache, toy_root, tmp_path):
     """data.targets=online, the original recipe: images read from data.root (its corrupt files
     named and skipped), a fresh view every epoch, tokenized on the device every step. The loss
     falls; killed after the checkpoint at step 9 and resumed, the run ends with the weights of
-    a run that never stopped."""
-    p = ["data.targets=online", "data.backend=reference", f"data.root={toy_root}", "data.workers=1",
-         "train.max_steps=14", "log.ckpt_every_epochs=100"]
+    a run that never stopped. The default data.backend (auto) takes the reference backend and
+    says so; the resumed pair names it."""
+    p = ["data.targets=online", f"data.root={toy_root}", "data.workers=1", "train.max_steps=14",
+         "log.ckpt_every_epochs=100"]
     r = _train(cache, tmp_path / "a", *p)
     assert r.returncode == 0 and "targets online (dvae tokenizer on the CPU every step" in r.stdout, r.stderr[-3000:]
+    assert "loader: reference (data.backend=auto; online targets render with the reference backend)" in r.stdout
+    p.append("data.backend=reference")
     assert "skipping an unreadable image" in r.stderr
     rows = _rows(tmp_path / "a")
     assert rows[-1]["step"] == 14 and rows[-1]["loss"] < rows[0]["loss"] - 0.3, (rows[0], rows[-1])

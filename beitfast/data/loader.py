@@ -39,6 +39,15 @@ from beitfast.data.sampler import StepSampler
 BACKENDS = ("dali", "reference", "ffcv")
 
 
+def resolve_backend(data_cfg) -> str:
+    """data.backend: auto is dali over a token cache and reference with data.targets=online
+    (the only backend that renders images and tokenizes them on the fly); an explicit choice
+    stays as it is (build_loader refuses an explicit dali or ffcv with online targets)."""
+    if data_cfg.backend != "auto":
+        return data_cfg.backend
+    return "reference" if data_cfg.targets == "online" else "dali"
+
+
 def thread_plan(data_cfg, local_world: int | None = None, cores: int | None = None) -> tuple[int, int]:
     """(threads, workers) per rank: an explicit data.num_threads / data.workers, or this node's
     cores divided among the ranks on it (LOCAL_WORLD_SIZE under torchrun), never multiplied."""
@@ -122,7 +131,7 @@ def build_loader(cfg, cache: TokenCache | None, rank: int = 0, world: int = 1, d
         return _online_loader(cfg, rank, world, device, accum, view, workers, tokenizer)
     cache.check_config(cfg)  # settings, vocabulary, grid (the trainer also checks the tokenizer)
     sampler = _sampler(cfg, len(cache), cache.path, world, rank, accum, CacheError)
-    backend = cfg.data.backend
+    backend = resolve_backend(cfg.data)
     if backend == "dali":
         from beitfast.data.dali_loader import DaliLoader
 
@@ -147,7 +156,7 @@ def _online_loader(cfg, rank, world, device, accum, view, workers, tokenizer):
     from beitfast.data.images import list_imagefolder
     from beitfast.data.reference_loader import OnlineLoader
 
-    if cfg.data.backend != "reference":
+    if resolve_backend(cfg.data) != "reference":
         raise ValueError(f"data.targets=online renders with the reference backend (Pillow workers, as the original "
                          f"code); data.backend={cfg.data.backend} reads a token cache: set data.backend=reference "
                          f"or data.targets=cache")
