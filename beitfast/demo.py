@@ -260,7 +260,7 @@ def stage_evaluate(out: Path, rp_root: Path, palette_root: Path, ckpt: Path) -> 
     from beitfast.linprobe import main as linprobe
     from beitfast.visualize import main as visualize
 
-    res = {"linear_probe": {}, "finetune": {}, "attention": {}}
+    res = {"linear_probe": {}, "knn": {}, "finetune": {}, "attention": {}}
     print(f"[demo] linear probes on {rp_root} (frozen encoders, one head per block, best block reported)")
     for name, what in (("pretrained", ["--ckpt", str(ckpt)]), ("random", ["--ckpt", "random"]), ("pixels", ["--pixels"])):
         d = out / "probe" / name
@@ -268,6 +268,7 @@ def stage_evaluate(out: Path, rp_root: Path, palette_root: Path, ckpt: Path) -> 
             raise SystemExit(f"[demo] the {name} linear probe failed")
         p = json.loads((d / "probe.json").read_text())
         res["linear_probe"][name] = {"acc": p["acc"], "best_block": p["best_block"], "val_images": p["val_images"]}
+        res["knn"][name] = {k: p["knn"][k] for k in ("acc", "best_block", "k", "temperature")}  # the same features
     for name, weights in (("pretrained", str(ckpt)), ("random", "")):
         d = out / "finetune" / name
         print(f"[demo] fine-tuning the {name} encoder on {palette_root} (configs/finetune_tiny.yaml, {FT_EPOCHS} "
@@ -288,6 +289,10 @@ def stage_evaluate(out: Path, rp_root: Path, palette_root: Path, ckpt: Path) -> 
     print(f"[demo] linear probe, random-palette val ({lp['pretrained']['val_images']} images, chance 10%): "
           f"pretrained {100 * lp['pretrained']['acc']:.1f}% (block {lp['pretrained']['best_block']}) vs random init "
           f"{100 * lp['random']['acc']:.1f}% vs raw pixels {100 * lp['pixels']['acc']:.1f}%")
+    kn = res["knn"]
+    print(f"[demo] kNN (k={kn['pretrained']['k']}, T={kn['pretrained']['temperature']}) on the same features: pretrained "
+          f"{100 * kn['pretrained']['acc']:.1f}% vs random init {100 * kn['random']['acc']:.1f}% vs raw pixels "
+          f"{100 * kn['pixels']['acc']:.1f}%")
     print(f"[demo] fine-tune, {FT_EPOCHS} epochs, palette toy val: pretrained {ft['pretrained']['acc1']:.1f}% vs "
           f"random init {ft['random']['acc1']:.1f}% top-1")
     print(f"[demo] attention maps -> {out / 'attention'} (pretrained/, random/: attention.png)")

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=N data_prep/tokenize_imagenet.py ...   (same result)
 
 For each image (ImageNet layout `DIR/train/<class>/*`, or `--file-list` lines
-`relative/path label`), samples K views (crop box, flip, colour-jitter factors and order; a
+`relative/path label`; with `--unlabeled`, every image under DIR at any depth, or list lines
+`relative/path`: label -1, and the manifest says `"labeled": false`), samples K views (crop box, flip, colour-jitter factors and order; a
 pure function of seed, index and image size), renders each view's tokenizer input with the
 shared view code (beitfast/data/views.py; DALI, GPU decoder when a GPU is present), runs the
 tokenizer (tokenizer.precision: fp32 by default, as the reference) and stores the tokens
@@ -38,20 +39,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import (MAGIC, META_DTYPE, VERSION, CacheError, atomic_write_json,  # noqa: E402
                                  diff_settings, expected_settings, read_done, write_shard)
-from beitfast.data.images import BadImage, list_imagefolder, prepare_for_cache  # noqa: E402
+from beitfast.data.images import UNLABELED, BadImage, list_imagefolder, list_unlabeled, prepare_for_cache  # noqa: E402
 from beitfast.data.loader import thread_plan  # noqa: E402
 from beitfast.data.views import VIEW_DTYPE, AugSpec, ViewRenderer, contrast_pivots, sample_views  # noqa: E402
 from beitfast.tokenizers import build_tokenizer  # noqa: E402
 
 
-def read_file_list(root: Path, path: Path) -> tuple[list[str], np.ndarray, list[str]]:
+def read_file_list(root: Path, path: Path, unlabeled: bool = False) -> tuple[list[str], np.ndarray, list[str]]:
+    """Lines 'relative/path label', or with `unlabeled` lines 'relative/path' (a path may hold
+    spaces then; every label is -1). A line that does not fit is an error naming it."""
     paths, labels = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
+        if unlabeled:
+            paths.append(line.strip())
+            labels.append(UNLABELED)
+            continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{path}:{n}: expected 'relative/path label', got {line!r}")
+            raise ValueError(f"{path}:{n}: expected 'relative/path label', got {line!r} (a list without labels: "
+                             f"add --unlabeled)")
         paths.append(parts[0])
         labels.append(int(parts[1]))
     if not paths:
@@ -120,7 +128,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", default="base.yaml")
     ap.add_argument("--views", type=int, default=None, help="K views per image (default: data.views)")
     ap.add_argument("--split", default="train")
-    ap.add_argument("--file-list", type=Path, default=None, help="lines 'relative/path label' instead of folders")
+    ap.add_argument("--file-list", type=Path, default=None, help="lines 'relative/path label' instead of folders "
+                    "(with --unlabeled: lines 'relative/path')")
+    ap.add_argument("--unlabeled", action="store_true", help="your own images without labels: every image under "
+                    "--data, recursively, any format Pillow reads (or the --file-list paths); labels -1")
     ap.add_argument("--shard-size", type=int, default=1024)
     ap.add_argument("--max-reject", type=float, default=0.01, help="fail (exit 1) above this fraction of bad images")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -130,7 +141,9 @@ def main(argv=None) -> int:
     try:
         cfg = cli_config(["--cfg", a.cfg, *rest, *([f"data.views={a.views}"] if a.views else [])])
         if a.file_list:
-            paths, labels, classes = read_file_list(a.data, a.file_list)
+            paths, labels, classes = read_file_list(a.data, a.file_list, a.unlabeled)
+        elif a.unlabeled:
+            paths, labels, classes = list_unlabeled(a.data)
         else:
             paths, labels, classes = list_imagefolder(a.data, a.split)
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -153,7 +166,8 @@ def main(argv=None) -> int:
     n_shards = (len(paths) + a.shard_size - 1) // a.shard_size
     listing = hashlib.sha256("".join(f"{p}\t{l}\n" for p, l in zip(paths, labels)).encode()).hexdigest()
     plan = {"magic": MAGIC, "version": VERSION, "settings": settings, "images": len(paths), "shard_size": a.shard_size,
-            "shards": n_shards, "listing_sha256": listing, "classes": classes}
+            "shards": n_shards, "listing_sha256": listing, "classes": classes,
+            **({"labeled": False} if a.unlabeled else {})}  # absent: labelled (older caches stay valid)
 
     # --- plan: what this cache is; a resumed run must match it
     a.out.mkdir(parents=True, exist_ok=True)

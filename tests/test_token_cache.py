@@ -175,3 +175,41 @@ def test_file_list_input(toy_root, tok_path, tmp_path):
     lst.write_text("no-label-here\n")
     r = _run(toy_root, tmp_path / "d", tok_path, "--file-list", str(lst), check=False)
     assert r.returncode == 2 and "list.txt:1" in r.stderr
+
+
+def test_an_unlabeled_folder_tokenizes_pretrains_and_the_probe_refuses_it(tok_path, tmp_path, capsys):
+    """Users' own images: any depth, any format Pillow reads, no classes. The cache holds them
+    with label -1 and says it is unlabeled; pretraining runs on it; the probe asks for labels."""
+    root = tmp_path / "mine"
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % (1 << 32)))
+    files = {"a/b/x.jpg": "JPEG", "a/y.png": "PNG", "z.webp": "WEBP", "w.JPEG": "JPEG", "c/d/e/v.bmp": "BMP"}
+    for rel, fmt in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48 + len(rel), 64, 3), dtype=np.uint8)).save(root / rel, fmt)
+    (root / "notes.txt").write_text("not an image")
+    (root / "a" / "bad.jpg").write_bytes(b"garbage")
+    r = _run(root, tmp_path / "c", tok_path, "--unlabeled", "--max-reject", "0.5")
+    c = TokenCache(tmp_path / "c")
+    assert len(c) == 5 and (c.labels == -1).all() and not c.labeled and "a/bad.jpg" in r.stdout
+    assert TokenCache(tmp_path / "c").manifest["classes"] == []
+    from beitfast.train import main as train
+
+    over = ["--cfg", "tiny.yaml", f"data.cache={tmp_path / 'c'}", f"log.out_dir={tmp_path / 'run'}", "data.batch_size=2",
+            "train.global_batch=2", "train.epochs=1", "log.every=1", "log.progress=false", "model.vocab_size=128",
+            *_overrides(tok_path)]
+    assert train(over) == 0
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    from beitfast.linprobe import main as linprobe
+
+    for data in (root, tmp_path / "c"):
+        capsys.readouterr()
+        assert linprobe(["--data", str(data), "--out", str(tmp_path / "p"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert ("need labels" in err if data == root else "is a token cache, not an image folder" in err), err
+    # the same images through a list without labels; a labelled reading of that list names its line
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{p}\n" for p in sorted(files)))
+    _run(root, tmp_path / "l", tok_path, "--unlabeled", "--file-list", str(lst))
+    assert len(TokenCache(tmp_path / "l")) == 5
+    r = _run(root, tmp_path / "m", tok_path, "--file-list", str(lst), check=False)
+    assert r.returncode == 2 and "list.txt:1" in r.stderr and "--unlabeled" in r.stderr

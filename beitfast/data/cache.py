@@ -135,6 +135,7 @@ class TokenCache:
             raise CacheError(f"{mf}: cache format version {m.get('version')}, this code reads version {VERSION}; "
                              f"rebuild it with data_prep/tokenize_imagenet.py")
         self.manifest = m
+        self.labeled = m.get("labeled", True)  # tokenize_imagenet.py --unlabeled: every label is -1
         self.settings = m["settings"]
         self.views_per_image = m["settings"]["views"]
         self._shards = []

@@ -18,15 +18,48 @@ class BadImage(ValueError):
         self.path, self.reason = str(path), reason
 
 
+UNLABELED = -1  # the label of every image of an unlabeled set
+
+
+def decodable_suffixes() -> set[str]:
+    """Every file extension Pillow opens (the cache re-encodes what is not a plain JPEG)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def list_unlabeled(root: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """(relative paths, labels all UNLABELED, no class names) of every image under `root`,
+    recursively, in sorted path order: a folder of the user's own images, no classes needed."""
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    ok = decodable_suffixes()
+    paths = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and p.suffix.lower() in ok)
+    if not paths:
+        raise FileNotFoundError(f"{root} holds no image files (looked recursively for {', '.join(sorted(ok)[:8])}, ...)")
+    return paths, np.full(len(paths), UNLABELED, np.int64), []
+
+
 def list_imagefolder(root: str | Path, split: str = "train") -> tuple[list[str], np.ndarray, list[str]]:
     """(relative paths, int64 labels, class names) of `root/split/<class>/*`, labels being the
     index of the sorted class folder names, files sorted within a class (ImageNet order)."""
     base = Path(root) / split
+    if (Path(root) / "manifest.json").exists() and (Path(root) / "plan.json").exists():
+        raise FileNotFoundError(f"{root} is a token cache, not an image folder: this needs labelled images in ImageNet "
+                                f"layout ({root}/<split>/<class>/<image>)")
+    unlabeled = (": its images carry no labels. An unlabeled set pretrains (data_prep/tokenize_imagenet.py "
+                 "--unlabeled), but probing and fine-tuning need labels: images in class folders, "
+                 "<split>/<class>/<image>")
     if not base.is_dir():
-        raise FileNotFoundError(f"no '{split}' folder under {root} (expected ImageNet layout {base}/<class>/<image>)")
+        loose = Path(root).is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in Path(root).rglob("*"))
+        raise FileNotFoundError(f"no '{split}' folder under {root}" + (unlabeled if loose else
+                                f" (expected ImageNet layout {base}/<class>/<image>)"))
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
-        raise FileNotFoundError(f"{base} holds no class folders")
+        loose = any(f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in base.iterdir())
+        raise FileNotFoundError(f"{base} holds no class folders" + (unlabeled if loose else ""))
     paths, labels = [], []
     for c, name in enumerate(classes):
         for f in sorted((base / name).iterdir()):
