@@ -127,6 +127,7 @@ class LogConfig:
     out_dir: str = "runs/default"
     every: int = 50  # steps between host syncs for metrics
     ckpt_every_epochs: int = 20
+    ckpt_every_minutes: float = 0.0  # also a checkpoint when this much wall time has passed (0: off; beitfast/preempt.py)
     progress: bool = True
     tensorboard: bool = False  # also write TensorBoard event files next to metrics.jsonl
     profile_steps: int = 0  # >0: profile this many steps (after 3 warm-up steps) into <out>/profile/

@@ -246,8 +246,11 @@ class EvalSet(torch.utils.data.Dataset):
 def train_batches(ds, batch: int, workers: int, cuda: bool):
     # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global
     # generator, which drop path also draws from, so a resumed run would drift by one draw
+    from beitfast.preempt import ignore_in_worker
+
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=Counting(), num_workers=workers,
-                                     pin_memory=cuda, generator=torch.Generator().manual_seed(ds.seed))
+                                     pin_memory=cuda, generator=torch.Generator().manual_seed(ds.seed),
+                                     worker_init_fn=ignore_in_worker)
     return iter(dl)
 
 

@@ -9,7 +9,9 @@ optimizer -> loop -> checkpoints. Writes to log.out_dir: config.yaml (resolved),
 `['model']` holds the reference key names; a re-run resumes from it exactly).
 
 Exit codes: 0 done; 1 the run failed in the loop (the message is the last line on stderr,
-the last good checkpoint is kept); 2 it could not start (config, cache, checkpoint).
+the last good checkpoint is kept); 2 it could not start (config, cache, checkpoint); 3 stopped
+by SIGTERM or SIGUSR1 after finishing its step and writing its checkpoint: run it again to
+resume (beitfast/preempt.py; log.ckpt_every_minutes bounds what a hard kill loses).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import CacheError, TokenCache  # noqa: E402
 from beitfast.data.loader import build_loader, one_line, resolve_backend, thread_plan  # noqa: E402
 from beitfast.model import Beit, BeitArgs  # noqa: E402
+from beitfast.preempt import EXIT_PREEMPTED, Preemption  # noqa: E402
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
 
 CKPT_FORMAT = "beitfast-pretrain-ckpt/2"  # 2: per-rank CPU and CUDA RNG states, world size, loss scaler
@@ -160,7 +163,8 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> None:
+def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> bool:
+    """The run; True when it stopped early on a signal (its checkpoint written)."""
     cuda = device.type == "cuda"
     main_proc = rank == 0
     resolved = check_choices(cfg, device)
@@ -306,6 +310,8 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
     bar = progress_bar(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
     batches = loader.stream(step)  # the backend prepares data.prefetch batches ahead on its own
     model.train()
+    pre = Preemption("train", world, device, cfg.log.ckpt_every_minutes, verbose=main_proc)
+    stopped = False
     try:
         while step < total:
             lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr)
@@ -370,7 +376,11 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                     bar.set_postfix(loss=row["loss"], acc=row["mim_acc"], img_s=row["images_per_s"])
                 acc.zero_()
                 n_acc, t0, first, waited = 0, time.time(), step + 1, 0.0
-            if step % ckpt_every == 0 or step == total or step == cfg.train.stop_at:
+            if probe is not None and (step % eval_every == 0 or step == total):  # before a checkpoint at this step
+                append_row(out / "mim_eval.jsonl", {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                                                    **probe(model)})
+            stopped, timed = pre.poll(step, force=step % cfg.log.every == 0 or step == total)
+            if step % ckpt_every == 0 or step == total or step == cfg.train.stop_at or timed:
                 bad = acc[5:].clone()  # steps since the last report: never save non-finite weights
                 if world > 1:
                     dist.all_reduce(bad)
@@ -378,9 +388,12 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
                     raise non_finite(first, step)
                 checkpoint(step)
                 last_good = step
-            if probe is not None and (step % eval_every == 0 or step == total):
-                append_row(out / "mim_eval.jsonl", {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                                                    **probe(model)})
+                pre.saved()
+            if stopped:
+                if main_proc:
+                    print(f"[train] stopped at step {step} on {pre.requested or 'another rank'}'s signal; checkpoint "
+                          f"{ckpt_path} written; run the same command again to resume (exit {EXIT_PREEMPTED})")
+                break
             if step == cfg.train.stop_at:
                 if main_proc:
                     print(f"[train] stopped at step {step} as asked (train.stop_at); re-run to resume")
@@ -388,6 +401,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
     except Exception as e:
         raise LoopFailure(step + 1) from e
     finally:
+        pre.close()
         batches.close()  # stops the backend's threads and worker processes before anything else goes
         loader.close()
         bar.close()
@@ -395,8 +409,9 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> Non
             writer.close()
         if prof is not None:
             prof.stop()
-    if main_proc:
+    if main_proc and not stopped:
         print(f"[train] {step} steps done; checkpoint {ckpt_path}, metrics {out / 'metrics.jsonl'}")
+    return stopped
 
 
 def main(argv=None) -> int:
@@ -415,8 +430,7 @@ def main(argv=None) -> int:
         return 2
     world, rank, device, out = started
     try:
-        pretrain(cfg, world, rank, device, out)
-        return 0
+        return EXIT_PREEMPTED if pretrain(cfg, world, rank, device, out) else 0
     except (ConfigError, CacheError, StartError, selfcheck.SelfCheckFailed) as e:
         print(f"train: cannot start: {e}", file=sys.stderr)
         return 2

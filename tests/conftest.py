@@ -83,3 +83,36 @@ def gpu_check_dry_run(tmp_path_factory):
                        env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=1500)
     rows = [json.loads(x) for x in (out / "summary.jsonl").read_text().splitlines()] if (out / "summary.jsonl").exists() else []
     return out, {row["stage"]: row for row in rows}, r
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(args: list[str], cwd=None, timeout: int = 900) -> list[tuple[int, str, str]]:
+    """`args` (a script and its arguments) under torchrun as two 'nodes' of one process each on
+    this machine, meeting through torchrun's c10d rendezvous as on a cluster: [(rc, stdout,
+    stderr)] of node 0 and node 1."""
+    import subprocess
+
+    port, procs = free_port(), []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", f"beitfast-test-{port}", *args]
+        procs.append(subprocess.Popen(cmd, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+    out = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, o, e))
+    return out

@@ -165,6 +165,17 @@ def test_two_ranks_equal_one(cache_dir, toy_root, tok_path, tmp_path):
     assert _tree(tmp_path / "ddp") == _tree(cache_dir)
 
 
+def test_two_nodes_equal_one(cache_dir, toy_root, tok_path, tmp_path):
+    """The shard split across two torchrun 'nodes' (c10d rendezvous) writes the same cache."""
+    from tests.conftest import run_two_nodes
+
+    res = run_two_nodes([SCRIPT, "--data", str(toy_root), "--out", str(tmp_path / "nodes"), "--cfg", "tiny.yaml",
+                         "--shard-size", "16", "--no-progress", "--render-batch", "32", *_overrides(tok_path),
+                         "--max-reject", "0.05"])
+    assert [rc for rc, _, _ in res] == [0, 0], "\n".join(e[-2000:] for _, _, e in res)
+    assert _tree(tmp_path / "nodes") == _tree(cache_dir)
+
+
 def test_file_list_input(toy_root, tok_path, tmp_path):
     paths, labels, _ = list_imagefolder(toy_root, "val")
     lst = tmp_path / "list.txt"

@@ -1,8 +1,10 @@
 """The pretraining driver and its loader, end to end on CPU on a tiny cache."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -129,8 +131,24 @@ def test_resume_is_bitwise(cache, tmp_path, precision):
     if precision == "fp16":
         assert a["scaler"]["_growth_tracker"] > 0 and a["scaler"] == b["scaler"]
         assert "loss_scale" in rows[-1]
-    else:
-        assert a["scaler"] is None
+        return
+    assert a["scaler"] is None
+    # preempted: SIGTERM mid-epoch finishes the step, writes the checkpoint, exits 3; resumed, the same weights
+    c = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "beitfast" / "train.py"), *_args(cache, c, *p)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 300
+    while not ((c / "metrics.jsonl").exists() and (c / "metrics.jsonl").read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    o, e = proc.communicate(timeout=300)
+    at = torch.load(c / "ckpt.pt", weights_only=True)["step"]
+    assert proc.returncode == 3 and "SIGTERM received" in e and f"stopped at step {at} on SIGTERM" in o, e[-2000:]
+    assert 2 <= at < last, at  # before the end: mid-epoch but for a 1-in-14 chance
+    r = _train(cache, c, *p)
+    assert r.returncode == 0 and f"resumed from {c / 'ckpt.pt'} at step {at}" in r.stdout, r.stderr[-2000:]
+    _same_weights(tmp_path / "a", c)
 
 
 def test_unreadable_checkpoint_is_a_clear_error_and_kept(cache, tmp_path):
@@ -184,6 +202,17 @@ def test_ddp_two_processes_equal_one_process(cache, tmp_path, one_process_16):
     r = _train(cache, tmp_path / "ddp", *GB16, *more, "train.allow_world_change=true")
     assert r.returncode == 0 and "reseeded" in r.stdout, r.stderr[-2000:]
     assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_two_nodes_under_c10d_rendezvous_equal_one_process(cache, tmp_path, one_process_16):
+    """torchrun --nnodes 2 --rdzv-backend c10d, one gloo process a 'node' (both on this machine):
+    the same losses and weights as one process at the same global batch."""
+    from tests.conftest import run_two_nodes
+
+    res = run_two_nodes([str(ROOT / "beitfast" / "train.py"), *_args(cache, tmp_path / "nodes", *GB16)])
+    assert [rc for rc, _, _ in res] == [0, 0], "\n".join(e[-2000:] for _, _, e in res)
+    assert any("2 process(es) x data.batch_size 8" in o for _, o, _ in res)
+    _same_run(tmp_path / "nodes", one_process_16)
 
 
 def test_compiled_step_matches_eager(cache, tmp_path):

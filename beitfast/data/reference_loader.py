@@ -18,6 +18,7 @@ from beitfast.data.loader import image_dtype, render_args
 from beitfast.data.sampler import Counting, StepSampler
 from beitfast.data.views import pick_view, reference_view
 from beitfast.masking import MaskGenerator, MaskSpec
+from beitfast.preempt import ignore_in_worker
 
 
 class StreamDataset(torch.utils.data.Dataset):
@@ -74,7 +75,7 @@ class ReferenceLoader:
         self.sampler.start_step = start_step
         cuda = self.device.type == "cuda"
         dl = torch.utils.data.DataLoader(self._dataset(), batch_size=self.sampler.batch, sampler=Counting(),
-                                         num_workers=self.workers, pin_memory=cuda,
+                                         num_workers=self.workers, pin_memory=cuda, worker_init_fn=ignore_in_worker,
                                          prefetch_factor=max(2, self.cfg.data.prefetch) if self.workers else None)
         self._dtype = image_dtype(self.cfg) if self.view == "vit" else torch.uint8
         self._it = iter(dl)
