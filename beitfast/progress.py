@@ -68,6 +68,12 @@ class PlainProgress:
         self.reports += 1
         self._write()
 
+    def write(self, s: str, file=None, end: str = "\n") -> None:
+        """tqdm.write: a message line of its own."""
+        f = file or self.file
+        f.write(s + end)
+        f.flush()
+
     def set_description(self, desc: str = "", refresh: bool = True) -> None:
         self.desc = desc
 

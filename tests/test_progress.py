@@ -30,6 +30,9 @@ def test_plain_progress_writes_whole_lines_on_a_timer_or_at_reports():
     assert len(lines) == 4 and lines[0].startswith("[pretrain] 60/100 step (60.0%)") and "ETA" in lines[0]
     assert lines[-1].endswith("loss=1.5 img_s=300.0") and lines[-2].startswith("[pretrain] 100/100")
     g = io.StringIO()
+    PlainProgress(total=3, file=g).write("[finetune] epoch 1: top-1 50%")  # tqdm.write, as the trainers call it
+    assert g.getvalue() == "[finetune] epoch 1: top-1 50%\n"
+    g = io.StringIO()
     bar = PlainProgress(total=10, file=g, every_s=0)
     bar.set_postfix(loss=2.0)
     bar.update(3)  # a loop that reports prints at its reports only, whatever the timer
