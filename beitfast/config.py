@@ -319,6 +319,7 @@ class FTLogConfig:
     out_dir: str = "runs/finetune"
     every: int = 50
     ckpt_every_epochs: int = 1
+    ckpt_every_minutes: float = 0.0  # also a checkpoint when this much wall time has passed (0: off)
     progress: bool = True
 
 
@@ -410,6 +411,7 @@ class SegLogConfig:
     out_dir: str = "runs/seg"
     every: int = 50
     ckpt_every: int = 4000
+    ckpt_every_minutes: float = 0.0  # also a checkpoint when this much wall time has passed (0: off)
     progress: bool = True
 
 

@@ -126,4 +126,6 @@ def trainer_main(argv, doc: str, prog: str, default_cfg: str, schema, run, expec
             dist.destroy_process_group()
     if rank == 0:
         print(json.dumps(res))
-    return 0
+    from beitfast.preempt import EXIT_PREEMPTED
+
+    return EXIT_PREEMPTED if "preempted_at" in res else 0

@@ -40,12 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from beitfast import selfcheck  # noqa: E402
+from beitfast import preempt, selfcheck  # noqa: E402
 from beitfast.config import ConfigError, FinetuneConfig  # noqa: E402
 from beitfast.data.images import list_imagefolder, read_decodable  # noqa: E402
 from beitfast.data.sampler import Counting, StepSampler  # noqa: E402
 from beitfast.distributed import rng_states, trainer_main  # noqa: E402
 from beitfast.model import SIZES  # noqa: E402
+from beitfast.preempt import Preemption  # noqa: E402
 from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
 from beitfast.train import lr_at  # noqa: E402
 
@@ -354,6 +355,7 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
               f"{total} steps of {t.global_batch}")
     if rank == 0:
         reset_metrics(out / "metrics.jsonl", step)
+        preempt.clear(out)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -369,6 +371,8 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
     win = {"loss": torch.zeros((), device=device), "steps": 0, "t": time.perf_counter()}
     last_eval = None
     net.train()
+    pre = Preemption(PROG, world, device, cfg.log.ckpt_every_minutes, verbose=rank == 0)
+    stop = False
     try:
         while step < total:
             lr = lr_at(step, total, warmup, o.lr, o.min_lr)
@@ -422,15 +426,24 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
                     log.flush()
                     bar.write(f"[{PROG}] epoch {epoch} (step {step}): top-1 {last_eval['acc1']:.2f}%, "
                               f"top-5 {last_eval['acc5']:.2f}% on {last_eval['images']} images")
-            if (epoch_end and epoch % cfg.log.ckpt_every_epochs == 0) or step == total or step == t.stop_at:
+            stop, timed = pre.poll(step, force=step % cfg.log.every == 0 or epoch_end or step == total)
+            if (epoch_end and epoch % cfg.log.ckpt_every_epochs == 0) or step == total or step == t.stop_at or timed:
                 states = rng_states(world, device)
                 if rank == 0:
                     atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scaler": scaler.state_dict(), "step": step, "best": best, "rng_states": states,
                                  "world_size": world, "config": cfg.to_dict(), "classes": classes}, ckpt_path)
-                if step == t.stop_at:
-                    break
+                pre.saved()
+            if stop:
+                if rank == 0:
+                    preempt.mark(out, step, pre.requested)
+                    print(f"[{PROG}] stopped at step {step} on {pre.requested or 'another rank'}'s signal; checkpoint "
+                          f"{ckpt_path} written; run the same command again to resume")
+                return {"preempted_at": step}
+            if step == t.stop_at:
+                break
     finally:
+        pre.close()
         bar.close()
         if log is not None:
             log.close()

@@ -2,8 +2,10 @@
 
 SIGTERM or SIGUSR1 (SLURM's `--signal`, a spot instance's notice, torchrun forwarding its own
 SIGTERM) sets a flag; the loop finishes the step it is in, and at the next check every rank
-agrees (one all-reduce) to write the checkpoint and leave with EXIT_PREEMPTED. Re-running the
-same command resumes from that checkpoint. `log.ckpt_every_minutes` asks for a checkpoint when
+agrees (one all-reduce) to write the checkpoint, rank 0 writes <out>/PREEMPTED (the step and the
+signal: torchrun's agent exits 1 whatever its workers' codes, so launchers read the marker), and
+the process leaves with EXIT_PREEMPTED. Re-running the same command resumes from that checkpoint
+and takes the marker away. `log.ckpt_every_minutes` asks for a checkpoint when
 that much wall time has passed since the last one, decided by rank 0 and agreed the same way,
 so a hard kill (SIGKILL, a node lost) costs at most that many minutes beside the epoch cadence.
 
@@ -16,11 +18,13 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 EXIT_PREEMPTED = 3  # the checkpoint is written; run the same command again to resume
+MARKER = "PREEMPTED"  # <out>/PREEMPTED: torchrun's agent exits 1 whatever its worker's code, so a launcher reads this
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -66,6 +70,19 @@ class Preemption:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old = {}
+
+
+def mark(out: Path, step: int, why: str | None) -> None:
+    """<out>/PREEMPTED, written atomically by rank 0 after the checkpoint: what a launcher checks
+    to requeue (scripts/slurm/pretrain.sbatch)."""
+    from beitfast.data.cache import atomic_write_json
+
+    atomic_write_json(out / MARKER, {"step": step, "signal": why or "another rank's"})
+
+
+def clear(out: Path) -> None:
+    """A run that starts again takes the marker away (rank 0)."""
+    (out / MARKER).unlink(missing_ok=True)
 
 
 def ignore_in_worker(_worker_id: int = 0) -> None:

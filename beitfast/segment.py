@@ -46,11 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from beitfast import selfcheck  # noqa: E402
+from beitfast import preempt, selfcheck  # noqa: E402
 from beitfast.config import ConfigError, SegConfig  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
 from beitfast.distributed import rng_states, trainer_main  # noqa: E402
 from beitfast.finetune import _amp, build_classifier, layer_id, load_pretrained, train_batches  # noqa: E402
+from beitfast.preempt import Preemption  # noqa: E402
 from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
 
 CKPT_FORMAT = "beitfast-seg-ckpt/1"
@@ -447,6 +448,7 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
               f"{t.iters} iterations of {t.global_batch}")
     if rank == 0:
         reset_metrics(out / "metrics.jsonl", it)
+        preempt.clear(out)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -458,6 +460,7 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
     bar = progress_bar(total=t.iters, initial=it, desc=PROG, unit="it", disable=rank != 0 or not cfg.log.progress)
     win, t0, last = torch.zeros((), device=device), time.perf_counter(), None
     net.train()
+    pre = Preemption(PROG, world, device, cfg.log.ckpt_every_minutes, verbose=rank == 0)
     try:
         while it < t.iters:
             lr = poly_lr(it, o, t.iters)
@@ -502,15 +505,24 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
                     log.flush()
                     bar.write(f"[{PROG}] iteration {it}: mIoU {last['miou']:.2f}, pixel accuracy {last['aacc']:.2f}% "
                               f"on {last['images']} images -> {out / 'predictions.png'}")
-            if it % cfg.log.ckpt_every == 0 or it == t.iters or it == t.stop_at:
+            stop, timed = pre.poll(it, force=it % cfg.log.every == 0 or it == t.iters)
+            if it % cfg.log.ckpt_every == 0 or it == t.iters or it == t.stop_at or timed:
                 states = rng_states(world, device)
                 if rank == 0:
                     atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scaler": scaler.state_dict(), "iter": it, "best": best, "rng_states": states,
                                  "world_size": world, "config": cfg.to_dict()}, ckpt_path)
-                if it == t.stop_at:
-                    break
+                pre.saved()
+            if stop:
+                if rank == 0:
+                    preempt.mark(out, it, pre.requested)
+                    print(f"[{PROG}] stopped at iteration {it} on {pre.requested or 'another rank'}'s signal; "
+                          f"checkpoint {ckpt_path} written; run the same command again to resume")
+                return {"preempted_at": it}
+            if it == t.stop_at:
+                break
     finally:
+        pre.close()
         bar.close()
         if log is not None:
             log.close()

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout (no pip install)
 import kernels  # noqa: E402
-from beitfast import distributed, selfcheck  # noqa: E402
+from beitfast import distributed, preempt, selfcheck  # noqa: E402
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import CacheError, TokenCache  # noqa: E402
 from beitfast.data.loader import build_loader, one_line, resolve_backend, thread_plan  # noqa: E402
@@ -259,6 +259,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> boo
     last_good = step if ckpt_path.exists() else None
     if main_proc:
         reset_metrics(out / "metrics.jsonl", step)
+        preempt.clear(out)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=cfg.train.find_unused_parameters) if world > 1 else model
     fwd = ddp
@@ -391,6 +392,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> boo
                 pre.saved()
             if stopped:
                 if main_proc:
+                    preempt.mark(out, step, pre.requested)
                     print(f"[train] stopped at step {step} on {pre.requested or 'another rank'}'s signal; checkpoint "
                           f"{ckpt_path} written; run the same command again to resume (exit {EXIT_PREEMPTED})")
                 break

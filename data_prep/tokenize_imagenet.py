@@ -16,7 +16,9 @@ Shards are independent and deterministic: ranks take shards round-robin; every f
 written under a temporary name and renamed when complete, a shard's done-marker last and the
 manifest after all shards. A re-run (after a crash or kill -9) skips finished shards and
 produces byte-identical files. Undecodable images are listed with the reason and skipped;
-the exit code is 1 when more than --max-reject of the images fail.
+the exit code is 1 when more than --max-reject of the images fail. SIGTERM or SIGUSR1 (a
+preemption notice) finishes the shard in progress and exits 3, leaving <out>/PREEMPTED (its
+"step" is the count of finished shards); a re-run goes on from there.
 """
 from __future__ import annotations
 
@@ -198,6 +200,13 @@ def main(argv=None) -> int:
     bar.update(bar.total - sum(min(len(paths), (s + 1) * a.shard_size) - s * a.shard_size for s in todo))
     t0, done_imgs = time.time(), 0
     threads, _ = thread_plan(cfg.data)  # this node's cores divided among its ranks unless set
+    from beitfast import preempt
+
+    if rank == 0:
+        preempt.clear(a.out)
+    # ranks hold different numbers of shards, so each stops on its own after the shard it is in;
+    # they agree once, after the loop
+    pre = preempt.Preemption("tokenize", 1, device, verbose=True)
     if todo:
         renderer = ViewRenderer(cfg.data.tokenizer_img_size, "lanczos", a.render_batch,
                                 "gpu" if cuda else "cpu", threads, device.index or 0)
@@ -206,9 +215,21 @@ def main(argv=None) -> int:
                 d = tokenize_shard(s, a, paths, labels, settings, renderer, tokenizer, pool, bar)
                 done_imgs += d["images"]
                 bar.set_postfix(views_per_s=f"{done_imgs * settings['views'] / (time.time() - t0):.0f}")
+                if pre.requested:
+                    break
     bar.close()
+    pre.close()
+    stopped = torch.tensor([float(pre.requested is not None)])
     if world > 1:
-        dist.barrier()
+        dist.all_reduce(stopped, op=dist.ReduceOp.MAX)  # gloo: every rank, once
+    if stopped.item():
+        if rank == 0:
+            preempt.mark(a.out, sum(read_done(a.out, s) is not None for s in range(n_shards)), pre.requested)
+            print(f"[tokenize] stopped on a signal after finishing its shard; {a.out} keeps every finished shard; "
+                  f"run the same command again to resume (exit {preempt.EXIT_PREEMPTED})")
+        if world > 1:
+            dist.destroy_process_group()
+        return preempt.EXIT_PREEMPTED
 
     # --- manifest (rank 0, after every shard is done)
     code = 0

@@ -116,3 +116,23 @@ def run_two_nodes(args: list[str], cwd=None, timeout: int = 900) -> list[tuple[i
             raise
         out.append((p.returncode, o, e))
     return out
+
+
+def sigterm_when_logged(log: Path, timeout: float = 300.0):
+    """A thread that sends this process SIGTERM once `log` holds a line (the run has stepped):
+    a preemption notice in the middle of an in-process run. Join it after the run."""
+    import signal
+    import threading
+    import time
+
+    def wait():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if log.exists() and log.read_text().strip():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    return t

@@ -150,6 +150,18 @@ def test_cli_trains_evaluates_and_resumes_to_the_same_weights(small_toy, tmp_pat
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert json.loads((tmp_path / "b" / "eval.json").read_text())["acc1"] == res["acc1"]
+    # preempted: SIGTERM once it has stepped -> the step finishes, checkpoint, marker, exit 3; resumed, the same weights
+    from tests.conftest import sigterm_when_logged
+
+    t = sigterm_when_logged(tmp_path / "c" / "metrics.jsonl")
+    assert main([*args, f"log.out_dir={tmp_path / 'c'}", "log.every=1"]) == 3
+    t.join()
+    at = json.loads((tmp_path / "c" / "PREEMPTED").read_text())
+    assert at["signal"] == "SIGTERM" and torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["step"] == at["step"]
+    assert main([*args, f"log.out_dir={tmp_path / 'c'}", "log.every=1"]) == 0 and not (tmp_path / "c" / "PREEMPTED").exists()
+    c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
     # timm's own loader reads the best weights
     m = timm.models.beit.Beit(img_size=64, patch_size=8, num_classes=4, embed_dim=192, depth=12, num_heads=3,
                               use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)

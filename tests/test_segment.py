@@ -144,6 +144,17 @@ def test_cli_trains_evaluates_and_resumes_to_the_same_weights(toy_seg, tmp_path,
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert json.loads((tmp_path / "b" / "eval.json").read_text())["miou"] == res["miou"]
+    # preempted (SIGTERM once it has stepped), then resumed: the same weights
+    from tests.conftest import sigterm_when_logged
+
+    t = sigterm_when_logged(tmp_path / "c" / "metrics.jsonl")
+    assert main([*args, f"log.out_dir={tmp_path / 'c'}", "log.every=1"]) == 3
+    t.join()
+    assert json.loads((tmp_path / "c" / "PREEMPTED").read_text())["signal"] == "SIGTERM"
+    assert main([*args, f"log.out_dir={tmp_path / 'c'}", "log.every=1"]) == 0
+    c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
 
 
 def test_pretrained_weights_load_and_ddp_runs(toy_seg, tmp_path):

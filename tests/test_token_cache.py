@@ -160,6 +160,21 @@ def test_kill9_then_resume_is_byte_identical(cache_dir, toy_root, tok_path, tmp_
     assert _tree(out) == _tree(cache_dir)
 
 
+def test_sigterm_finishes_the_shard_exits_3_and_resumes_byte_identical(cache_dir, toy_root, tok_path, tmp_path):
+    out = tmp_path / "preempted"
+    p = _run(toy_root, out, tok_path, "--max-reject", "0.05", popen=True)
+    deadline = time.time() + 120
+    while not (out / "shard-00001.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=300) == 3
+    marker = json.loads((out / "PREEMPTED").read_text())
+    assert marker["signal"] == "SIGTERM" and marker["step"] >= 1 and not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tmp"))  # the shard in progress was finished, not left half-written
+    _run(toy_root, out, tok_path, "--max-reject", "0.05")
+    assert _tree(out) == _tree(cache_dir)  # the marker is gone too
+
+
 def test_two_ranks_equal_one(cache_dir, toy_root, tok_path, tmp_path):
     _run(toy_root, tmp_path / "ddp", tok_path, "--max-reject", "0.05", nproc=2)
     assert _tree(tmp_path / "ddp") == _tree(cache_dir)

@@ -110,14 +110,28 @@ def _same_weights(a, b):
     return a, b
 
 
+P28 = ["train.precision=fp32", "train.max_steps=28"]  # 2 epochs of 14 steps; a checkpoint at the end of each
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_28(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("a28")
+    r = _train(cache, out, *P28)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_resume_is_bitwise(cache, tmp_path, precision):
+def test_resume_is_bitwise(cache, tmp_path, precision, request):
     """Killed after the checkpoint at step 11 (fp32) and resumed: the same weights as a run that
     never stopped. fp16 uses torch's GradScaler (on CPU here, where fp16 is slow: 6 steps, killed
     at 3), whose state must survive the resume."""
     stop, last = (11, 28) if precision == "fp32" else (3, 6)
     p = [f"train.precision={precision}", f"train.max_steps={last}"]
-    assert _train(cache, tmp_path / "a", *p).returncode == 0
+    if precision == "fp32":
+        (tmp_path / "a").symlink_to(request.getfixturevalue("uninterrupted_28"))
+    else:
+        assert _train(cache, tmp_path / "a", *p).returncode == 0
     r = _train(cache, tmp_path / "b", *p, f"train.stop_at={stop}")
     assert r.returncode == 0 and f"stopped at step {stop}" in r.stdout
     assert not (tmp_path / "b" / "metrics.jsonl").read_text().count(f'"step": {stop + 1}')
@@ -133,7 +147,13 @@ def test_resume_is_bitwise(cache, tmp_path, precision):
         assert "loss_scale" in rows[-1]
         return
     assert a["scaler"] is None
-    # preempted: SIGTERM mid-epoch finishes the step, writes the checkpoint, exits 3; resumed, the same weights
+
+
+def test_preempted_and_restarted_runs_resume_bitwise(cache, tmp_path, uninterrupted_28):
+    """SIGTERM mid-epoch: the step finishes, the checkpoint is written, exit 3; re-run, the weights
+    of a run that never stopped. Under torchrun --max-restarts 1 a worker killed (SIGKILL) after
+    its first checkpoint is restarted and resumes from it, to the same weights."""
+    p, last = P28, 28
     c = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, str(ROOT / "beitfast" / "train.py"), *_args(cache, c, *p)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -146,9 +166,27 @@ def test_resume_is_bitwise(cache, tmp_path, precision):
     at = torch.load(c / "ckpt.pt", weights_only=True)["step"]
     assert proc.returncode == 3 and "SIGTERM received" in e and f"stopped at step {at} on SIGTERM" in o, e[-2000:]
     assert 2 <= at < last, at  # before the end: mid-epoch but for a 1-in-14 chance
+    assert json.loads((c / "PREEMPTED").read_text()) == {"step": at, "signal": "SIGTERM"}
     r = _train(cache, c, *p)
     assert r.returncode == 0 and f"resumed from {c / 'ckpt.pt'} at step {at}" in r.stdout, r.stderr[-2000:]
-    _same_weights(tmp_path / "a", c)
+    _same_weights(uninterrupted_28, c)
+    assert not (c / "PREEMPTED").exists()  # the resumed run took the marker away
+    # under torchrun --max-restarts 1, a worker killed (SIGKILL) after its first checkpoint is restarted and resumes
+    d = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "--max-restarts",
+                             "1", str(ROOT / "beitfast" / "train.py"), *_args(cache, d, *p)],
+                            cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 300
+    while not (d / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    assert len(workers) == 1
+    os.kill(int(workers[0]), signal.SIGKILL)
+    o, e = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "resumed from" in o, e[-3000:]
+    _same_weights(uninterrupted_28, d)
 
 
 def test_unreadable_checkpoint_is_a_clear_error_and_kept(cache, tmp_path):
@@ -213,6 +251,24 @@ def test_two_nodes_under_c10d_rendezvous_equal_one_process(cache, tmp_path, one_
     assert [rc for rc, _, _ in res] == [0, 0], "\n".join(e[-2000:] for _, _, e in res)
     assert any("2 process(es) x data.batch_size 8" in o for _, o, _ in res)
     _same_run(tmp_path / "nodes", one_process_16)
+
+
+def test_the_slurm_script_launches_torchrun_with_a_rendezvous(cache, tmp_path):
+    """scripts/slurm/pretrain.sbatch on one 'node' (SRUN empty: its command runs here): torchrun
+    with the c10d rendezvous trains, writing into OUT_DIR; without OUT_DIR it says what to set."""
+    from tests.conftest import free_port
+
+    script = str(ROOT / "scripts" / "slurm" / "pretrain.sbatch")
+    env = dict(os.environ, SRUN="", GPUS_PER_NODE="1", CFG="tiny.yaml", PORT=str(free_port()), PYTHON=sys.executable,
+               OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "set OUT_DIR" in r.stderr
+    out = tmp_path / "slurm"
+    extra = [a for a in _args(cache, out, "train.max_steps=2") if not a.startswith(("--cfg", "tiny.yaml", "log.out_dir"))]
+    r = subprocess.run(["bash", script, *extra], env=dict(env, OUT_DIR=str(out)), capture_output=True, text=True,
+                       timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rendezvous 127.0.0.1" in r.stdout and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_compiled_step_matches_eager(cache, tmp_path):
