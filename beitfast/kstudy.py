@@ -236,14 +236,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-images", type=int, default=256, help="images of the memorisation probe")
     ap.add_argument("--batch", type=int, default=0, help="pretraining and fine-tuning batch (0: the configs'; tests use less)")
     ap.add_argument("--publish", type=Path, default=None, help="copy results, table and plot here as kstudy_*")
+    ap.add_argument("--report", action="store_true", help="only the table and plot of the finished runs (runs nothing)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     try:
         from beitfast.ablate import prepare_data
 
-        tok = prepare_data(a.source, a.dvae or a.out / "dvae", a.progress)
-        a.data = shrink_tree(a.source, a.data, a.max_side, a.progress)
+        tok = None if a.report else prepare_data(a.source, a.dvae or a.out / "dvae", a.progress)
+        a.data = a.data if a.report else shrink_tree(a.source, a.data, a.max_side, a.progress)
     except (RuntimeError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"kstudy: {e}", file=sys.stderr)
         return 2
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     # seed by seed, short schedule first: the first hours give every arm at every schedule
     todo = [(arm, 0 if arm == "random_init" else e, s) for s in a.seeds for e in sorted(a.epochs) for arm in a.arms
             if arm != "random_init" or e == min(a.epochs)]
-    todo = [t for t in todo if t not in done]
+    todo = [] if a.report else [t for t in todo if t not in done]
     for arm, e, seed in todo:
         print(f"[kstudy] {arm}, {e} epochs, seed {seed}")
         try:

@@ -56,6 +56,11 @@ def test_study_runs_arms_probes_memorisation_and_resumes(study, small_toy, capsy
     assert "[kstudy] k2, 2 epochs, seed 0" in out and "[kstudy] k1, 2 epochs" not in out
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary) == {"k1_e2", "online_e2", "k2_e2", "random_init_e0"}  # the report holds every finished run
+    capsys.readouterr()
+    assert main([*args, "--arms", "k4", "--report", "--publish", str(d / "docs")]) == 0  # the report only: k4 not run
+    out = capsys.readouterr().out
+    assert "[kstudy] k4" not in out and set(json.loads(out.strip().splitlines()[-1])) == set(summary)
+    assert sorted(p.name for p in (d / "docs").iterdir()) == ["kstudy.md", "kstudy.png", "kstudy_results.jsonl"]
     table = (d / "ks" / "kstudy.md").read_text()
     assert "| 2 | k2 | 2 | 1 |" in table and "random_init" in table and (d / "ks" / "kstudy.png").stat().st_size > 0
 
