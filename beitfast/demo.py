@@ -167,7 +167,7 @@ def draw_cached_views(cache_dir: Path, tok_path: Path, png: Path, n_images: int 
     from beitfast.data.cache import TokenCache
     from beitfast.data.images import decode_rgb
     from beitfast.data.views import ViewRenderer
-    from beitfast.tokenizers.dvae import load_export
+    from beitfast.tokenizers.dvae import decode_tokens, load_export
 
     c = TokenCache(cache_dir)
     model, size = load_export(tok_path)
@@ -186,8 +186,7 @@ def draw_cached_views(cache_dir: Path, tok_path: Path, png: Path, n_images: int 
         rendered = renderer.render([np.asarray(data)] * k, np.asarray(views)).float() / 255
         grid = c.settings["tokenizer"]["grid"]
         codes = torch.from_numpy(np.asarray(toks, np.int64)).reshape(k, *grid)
-        with torch.no_grad():
-            dec = model.reconstruct_from(model.decoder(F.one_hot(codes, model.arch.vocab_size).permute(0, 3, 1, 2).float()))
+        dec = decode_tokens(model, codes)
         for v in range(k):
             row[1 + 2 * v].imshow(rendered[v].permute(1, 2, 0).clamp(0, 1).numpy())
             row[1 + 2 * v].set_title(f"view {v}", fontsize=8)
@@ -252,7 +251,7 @@ def stage_pretrain(out: Path, cache: Path, tok_path: Path, fresh: bool = False) 
             "mim_acc_steps": span, "steps": rows[-1]["step"]}
 
 
-def stage_evaluate(out: Path, rp_root: Path, palette_root: Path, ckpt: Path) -> dict:
+def stage_evaluate(out: Path, rp_root: Path, palette_root: Path, ckpt: Path, tok_path: Path) -> dict:
     """The evidence that pretraining works: the linear probe of the pretrained encoder, of a
     randomly initialised one and of raw pixels on the random-palette validation split; a short
     fine-tune of the pretrained and the random encoder on the palette toy set; attention maps."""
@@ -283,6 +282,12 @@ def stage_evaluate(out: Path, rp_root: Path, palette_root: Path, ckpt: Path) -> 
         if visualize(["--ckpt", weights, "--data", str(rp_root), "--out", str(d), "--images", "4", "--no-progress"]) != 0:
             raise SystemExit("[demo] drawing the attention maps failed")
         res["attention"][name] = json.loads((d / "attention.json").read_text())["mean_entropy"]
+    d = out / "predictions"
+    if visualize(["--predictions", "--ckpt", str(ckpt), "--data", str(rp_root), "--out", str(d), "--images", "4",
+                  "--tokenizer", str(tok_path), "--no-progress"]) != 0:
+        raise SystemExit("[demo] drawing the predictions failed")
+    res["predictions"] = {"token_acc": json.loads((d / "predictions.json").read_text())["token_acc"],
+                          "png": str(d / "predictions.png")}
     lp, ft = res["linear_probe"], res["finetune"]
     res["margin"] = {"linear_probe": round(lp["pretrained"]["acc"] - lp["random"]["acc"], 4),
                      "finetune": round((ft["pretrained"]["acc1"] - ft["random"]["acc1"]) / 100, 4)}
@@ -295,7 +300,9 @@ def stage_evaluate(out: Path, rp_root: Path, palette_root: Path, ckpt: Path) -> 
           f"{100 * kn['pixels']['acc']:.1f}%")
     print(f"[demo] fine-tune, {FT_EPOCHS} epochs, palette toy val: pretrained {ft['pretrained']['acc1']:.1f}% vs "
           f"random init {ft['random']['acc1']:.1f}% top-1")
-    print(f"[demo] attention maps -> {out / 'attention'} (pretrained/, random/: attention.png)")
+    print(f"[demo] attention maps -> {out / 'attention'} (pretrained/, random/: attention.png); what the pretrained "
+          f"model predicts at the masked patches, decoded -> {res['predictions']['png']} "
+          f"({100 * res['predictions']['token_acc']:.1f}% of the masked tokens of 4 images right)")
     if min(res["margin"].values()) <= 0:
         print("[demo] WARNING: the pretrained encoder did not beat the random one on every measure")
     return res
@@ -340,13 +347,13 @@ def main(argv=None) -> int:
     summary["pretrain"] = stage_pretrain(out, Path(summary["cache"]["cache"]), Path(summary["dvae"]["tokenizer"]),
                                          fresh=summary["cache"]["rebuilt"])
     ckpt = Path(summary["pretrain"]["run"]) / "ckpt.pt"
-    summary.update(stage_evaluate(out, data_root, palette_root, ckpt))
+    summary.update(stage_evaluate(out, data_root, palette_root, ckpt, Path(summary["dvae"]["tokenizer"])))
     summary["segmentation"] = stage_segment(out, ckpt)
     summary["outputs"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] done in {time.time() - t0:.0f} s; outputs in {out} "
           f"(summary.json, config.yaml, masks.png, dvae_tiny/, cache/, cache_views.png, pretrain/, "
-          f"pretrain_curves.png, probe/, finetune/, attention/, segment/)")
+          f"pretrain_curves.png, probe/, finetune/, attention/, predictions/, segment/)")
     return 0
 
 

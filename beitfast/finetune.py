@@ -436,9 +436,7 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
                 pre.saved()
             if stop:
                 if rank == 0:
-                    preempt.mark(out, step, pre.requested)
-                    print(f"[{PROG}] stopped at step {step} on {pre.requested or 'another rank'}'s signal; checkpoint "
-                          f"{ckpt_path} written; run the same command again to resume")
+                    preempt.announce(PROG, out, step, "step", pre.requested)
                 return {"preempted_at": step}
             if step == t.stop_at:
                 break

@@ -195,7 +195,7 @@ def write_report(out: Path, rows: list[dict]) -> dict:
             ax.axhline(100 * statistics.mean(floor), color=f"C{i}", lw=0.7, alpha=0.5)
     ax.set_xticks(range(len(ARMS)))
     ax.set_xticklabels([n.replace("k", "K=") if n != "online" else "online" for n in ARMS])
-    ax.set_ylabel("top-1 (%), mean of seeds; thin lines: random init")
+    ax.set_ylabel("top-1 (%), seed mean\n(thin lines: random init)", fontsize=8)
     ax.set_title("scores against K", fontsize=9)
     ax.legend(fontsize=6)
     for ax, e in zip(axes[1:], schedules):

@@ -80,6 +80,13 @@ def mark(out: Path, step: int, why: str | None) -> None:
     atomic_write_json(out / MARKER, {"step": step, "signal": why or "another rank's"})
 
 
+def announce(prog: str, out: Path, at: int, unit: str, requested: str | None) -> None:
+    """Rank 0, after the checkpoint at `at`: the marker, and the line that says what happened."""
+    mark(out, at, requested)
+    print(f"[{prog}] stopped at {unit} {at} on {requested or 'another rank'}'s signal; checkpoint {out / 'ckpt.pt'} "
+          f"written; run the same command again to resume (exit {EXIT_PREEMPTED})")
+
+
 def clear(out: Path) -> None:
     """A run that starts again takes the marker away (rank 0)."""
     (out / MARKER).unlink(missing_ok=True)

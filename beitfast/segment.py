@@ -515,9 +515,7 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
                 pre.saved()
             if stop:
                 if rank == 0:
-                    preempt.mark(out, it, pre.requested)
-                    print(f"[{PROG}] stopped at iteration {it} on {pre.requested or 'another rank'}'s signal; "
-                          f"checkpoint {ckpt_path} written; run the same command again to resume")
+                    preempt.announce(PROG, out, it, "iteration", pre.requested)
                 return {"preempted_at": it}
             if it == t.stop_at:
                 break

@@ -392,9 +392,7 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> boo
                 pre.saved()
             if stopped:
                 if main_proc:
-                    preempt.mark(out, step, pre.requested)
-                    print(f"[train] stopped at step {step} on {pre.requested or 'another rank'}'s signal; checkpoint "
-                          f"{ckpt_path} written; run the same command again to resume (exit {EXIT_PREEMPTED})")
+                    preempt.announce("train", out, step, "step", pre.requested)
                 break
             if step == cfg.train.stop_at:
                 if main_proc:

@@ -1,4 +1,4 @@
-"""Pictures of a pretrained BEiT: blockwise masks and the last block's self-attention (paper Figure 2).
+"""Pictures of a pretrained BEiT: the last block's self-attention (paper Figure 2), or what it predicts.
 
     python beitfast/visualize.py --ckpt runs/demo/pretrain/ckpt.pt --data data/toy_imagenet --out runs/vis
     python beitfast/visualize.py --ckpt random --cfg tiny.yaml --data data/toy_imagenet --out runs/vis_random
@@ -10,6 +10,15 @@ every patch in the last block (mean over heads; a head's own map with --head), u
 laid over the image. Written atomically as `<out>/attention.png` plus `<out>/attention.json`
 (images, points, and each map's entropy against a uniform map's, a number to compare
 pretrained and random encoders by); a re-run overwrites them.
+
+    python beitfast/visualize.py --predictions --ckpt runs/demo/pretrain/ckpt.pt --data data/toy_imagenet_rp \
+        --tokenizer runs/demo/dvae_tiny/tokenizer.pt --out runs/vis
+
+`--predictions` draws instead, per image: the image, its blockwise mask, the target tokens (the
+tokenizer on the image) decoded back to pixels by the dVAE's decoder, and the model's argmax
+tokens at the masked positions (the targets elsewhere) decoded the same way; the share of
+masked tokens it got right per image goes to `<out>/predictions.json`. Our dVAE only: the DALL-E
+tokenizer's decoder is not loaded yet.
 """
 from __future__ import annotations
 
@@ -164,6 +173,83 @@ def draw(args) -> dict:
     return res
 
 
+def draw_predictions(args) -> dict:
+    """Per image: the image, its blockwise mask, the target tokens decoded back to pixels, and the
+    model's argmax tokens at the masked positions (targets elsewhere) decoded the same way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from beitfast.tokenizers.dvae import DVAETokenizer, decode_tokens, load_export
+
+    cfg = load_config(args.cfg, args.overrides)
+    model, what, size = load_encoder(args.ckpt, cfg, args.seed)
+    if model.args.target != "tokens":
+        raise ValueError(f"--ckpt {args.ckpt} predicts pixels (model.target={model.args.target}), not tokens")
+    tok_path = args.tokenizer or cfg.tokenizer.path
+    dvae, tok_size = load_export(tok_path)  # names the file; a DALL-E encoder file is refused here
+    tokenizer = DVAETokenizer(dvae, tok_size)
+    grid = model.grid[0]
+    if tokenizer.grid != (grid, grid) or dvae.arch.vocab_size > model.args.vocab_size:
+        raise ValueError(f"--tokenizer {tok_path}: a {tokenizer.grid} grid of {dvae.arch.vocab_size} tokens, the model "
+                         f"predicts {grid}x{grid} of {model.args.vocab_size}")
+    imgs, toks, kept = [], [], []
+    for f, label in pick_images(args.data, args.split, args.images):
+        try:
+            data = (Path(args.data) / f).read_bytes()
+            imgs.append(center_view(data, f, size))
+            toks.append(center_view(data, f, tok_size))
+            kept.append((f, label))
+        except (BadImage, OSError) as e:
+            print(f"[visualize] left out: {e}", file=sys.stderr)
+    if not imgs:
+        raise ValueError(f"{args.data}/{args.split}: no image could be decoded")
+    u8 = torch.stack(imgs)
+    target = tokenizer.encode(torch.stack(toks)).long()  # (B, grid, grid)
+    masks = torch.from_numpy(MaskGenerator(MaskSpec.from_config(cfg.mask, grid), seed=cfg.mask.seed)(
+        np.arange(len(imgs)))).bool()
+    m, s = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model.masked_logits((u8.float() / 255 - m) / s, masks)
+    pred = target.clone()
+    pred[masks] = logits[:, :dvae.arch.vocab_size].argmax(-1)
+    tgt_px, pred_px = decode_tokens(dvae, target), decode_tokens(dvae, pred)
+    fig, axes = plt.subplots(len(imgs), 4, figsize=(8.0, 2.1 * len(imgs)), squeeze=False)
+    rows = []
+    for b, (row, (f, label)) in enumerate(zip(axes, kept)):
+        pic = u8[b].permute(1, 2, 0).numpy()
+        shade = np.kron(masks[b].numpy(), np.ones((size // grid, size // grid)))
+        acc = float((pred[b][masks[b]] == target[b][masks[b]]).float().mean())
+        row[0].imshow(pic)
+        row[0].set_title(f"class {label}", fontsize=7)
+        row[1].imshow(pic)
+        row[1].imshow(np.dstack([np.zeros_like(shade)] * 3 + [shade * 0.75]))
+        row[1].set_title(f"mask: {int(masks[b].sum())} patches", fontsize=7)
+        row[2].imshow(tgt_px[b].permute(1, 2, 0).numpy())
+        row[2].set_title("target tokens, decoded", fontsize=7)
+        row[3].imshow(pred_px[b].permute(1, 2, 0).numpy())
+        row[3].set_title(f"predicted at the mask ({100 * acc:.0f}% right)", fontsize=7)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        rows.append({"file": f, "label": label, "masked": int(masks[b].sum()), "token_acc": round(acc, 4)})
+    fig.suptitle(f"{what['encoder']}: masked-token predictions, decoded by {Path(tok_path).name}", fontsize=8)
+    fig.tight_layout()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "predictions.png.tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out / "predictions.png")
+    res = {**what, "tokenizer": str(tok_path), "images": rows,
+           "token_acc": round(float(np.mean([r["token_acc"] for r in rows])), 4), "png": str(out / "predictions.png")}
+    atomic_write_json(out / "predictions.json", res)
+    print(f"[visualize] predictions of {len(rows)} images: {100 * res['token_acc']:.1f}% of the masked tokens right "
+          f"-> {out / 'predictions.png'}")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -177,11 +263,15 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=-1, help="which block's attention (default -1, the last)")
     ap.add_argument("--head", type=int, default=None, help="one head's map instead of the mean over heads")
     ap.add_argument("--seed", type=int, default=0, help="init seed of --ckpt random")
+    ap.add_argument("--predictions", action="store_true", help="draw what the model predicts at the masked patches "
+                    "(predictions.png, predictions.json) instead of the attention maps")
+    ap.add_argument("--tokenizer", default="", help="the dVAE tokenizer.pt whose decoder draws the tokens "
+                    "(default tokenizer.path of the config)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
     try:
-        draw(args)
+        draw_predictions(args) if args.predictions else draw(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"visualize: {e}", file=sys.stderr)
         return 2

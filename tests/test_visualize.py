@@ -52,3 +52,42 @@ def test_cli_draws_a_checkpoint_and_a_random_encoder(toy_root, tmp_path):
         assert sorted({r["label"] for r in res["images"]}) == [0, 1, 2]
         assert 0 < res["mean_entropy"] <= 1 and (out / "attention.png").stat().st_size > 5000
     assert main(["--data", str(toy_root), "--out", str(tmp_path / "c"), "--points", "2,2"]) == 2
+
+
+def test_predictions_draw_decoded_targets_and_the_models_argmax(toy_root, tmp_path, capsys):
+    """A model whose head always says one token t (zero weights, a large bias; t the commonest
+    masked target): every masked prediction is t, so the share right per image is the share of
+    t among its masked targets, computed here with the same tokenizer, views and masks."""
+    import numpy as np
+
+    from beitfast.config import load_config
+    from beitfast.linprobe import center_view
+    from beitfast.masking import MaskGenerator, MaskSpec
+    from beitfast.tokenizers.dvae import DVAE, DVAEArch, DVAETokenizer
+    from beitfast.visualize import pick_images
+
+    torch.manual_seed(int(torch.randint(1 << 30, (1,))))
+    dvae = DVAE(DVAEArch(vocab_size=512, n_hid=16, n_init=16, n_blk_per_group=1, downsample=4))
+    torch.save(dvae.export(32), tmp_path / "tok.pt")
+    cfg = load_config("tiny", [])
+    picks = pick_images(str(toy_root), "val", 3)
+    tok = DVAETokenizer(dvae, 32).encode(torch.stack([center_view((toy_root / f).read_bytes(), f, 32) for f, _ in picks]))
+    masks = MaskGenerator(MaskSpec.from_config(cfg.mask, 8), seed=cfg.mask.seed)(np.arange(3)).astype(bool)
+    masked = np.concatenate([tok[b].numpy()[masks[b]] for b in range(3)])
+    t = int(np.bincount(masked).argmax())
+    want = [round(float((tok[b].numpy()[masks[b]] == t).mean()), 4) for b in range(3)]
+    model = Beit(BeitArgs.from_config(cfg.model))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[t] = 100.0
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 1}, tmp_path / "ckpt.pt")
+    args = ["--predictions", "--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(toy_root), "--images", "3",
+            "--tokenizer", str(tmp_path / "tok.pt"), "--out", str(tmp_path / "p")]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert [r["token_acc"] for r in res["images"]] == want and max(want) > 0
+    assert (tmp_path / "p" / "predictions.png").stat().st_size > 5000
+    capsys.readouterr()
+    assert main([*args[:-4], "--out", str(tmp_path / "q"), "--tokenizer", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err

@@ -119,6 +119,13 @@ class DVAE(nn.Module):
                 "encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()}
 
 
+@torch.no_grad()
+def decode_tokens(model: DVAE, codes: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) token ids -> (B, 3, H, W) pixels in [0, 1], through the decoder."""
+    z = F.one_hot(codes.long(), model.arch.vocab_size).permute(0, 3, 1, 2).float()
+    return model.reconstruct_from(model.decoder(z)).clamp(0, 1)
+
+
 def load_export(path: str | Path) -> tuple[DVAE, int]:
     """(DVAE with weights, input size) from a `tokenizer.pt` written by train_dvae.py."""
     path = Path(path)
