@@ -17,8 +17,8 @@ pretrained and random encoders by); a re-run overwrites them.
 `--predictions` draws instead, per image: the image, its blockwise mask, the target tokens (the
 tokenizer on the image) decoded back to pixels by the dVAE's decoder, and the model's argmax
 tokens at the masked positions (the targets elsewhere) decoded the same way; the share of
-masked tokens it got right per image goes to `<out>/predictions.json`. Our dVAE only: the DALL-E
-tokenizer's decoder is not loaded yet.
+masked tokens it got right per image goes to `<out>/predictions.json`. With the DALL-E tokenizer,
+`--decoder decoder.pkl` (OpenAI's pickled decoder, read through an allow-list of its classes).
 """
 from __future__ import annotations
 
@@ -181,19 +181,28 @@ def draw_predictions(args) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from beitfast.tokenizers.dvae import DVAETokenizer, decode_tokens, load_export
+    from beitfast.tokenizers import build_tokenizer
+    from beitfast.tokenizers.dvae import decode_tokens, load_decoder
 
     cfg = load_config(args.cfg, args.overrides)
     model, what, size = load_encoder(args.ckpt, cfg, args.seed)
     if model.args.target != "tokens":
         raise ValueError(f"--ckpt {args.ckpt} predicts pixels (model.target={model.args.target}), not tokens")
-    tok_path = args.tokenizer or cfg.tokenizer.path
-    dvae, tok_size = load_export(tok_path)  # names the file; a DALL-E encoder file is refused here
-    tokenizer = DVAETokenizer(dvae, tok_size)
+    if args.tokenizer:
+        cfg.tokenizer.path = args.tokenizer
+    tok_path = cfg.tokenizer.path
+    dec_path = args.decoder or (tok_path if cfg.tokenizer.kind == "dvae" else "")
+    if not dec_path:
+        raise ValueError("--decoder: the DALL-E tokenizer's decoder is a file of its own (OpenAI's decoder.pkl)")
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.tokenizer_img_size)  # names the file when it is wrong
+    tok_size = tokenizer.input_size
+    dvae = load_decoder(dec_path)
     grid = model.grid[0]
-    if tokenizer.grid != (grid, grid) or dvae.arch.vocab_size > model.args.vocab_size:
-        raise ValueError(f"--tokenizer {tok_path}: a {tokenizer.grid} grid of {dvae.arch.vocab_size} tokens, the model "
-                         f"predicts {grid}x{grid} of {model.args.vocab_size}")
+    if tokenizer.grid != (grid, grid) or tokenizer.vocab_size > model.args.vocab_size or \
+            dvae.arch.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"tokenizer {tok_path}: a {tuple(tokenizer.grid)} grid of {tokenizer.vocab_size} tokens, decoder "
+                         f"{dec_path}: {dvae.arch.vocab_size}; the model predicts {grid}x{grid} of "
+                         f"{model.args.vocab_size}")
     imgs, toks, kept = [], [], []
     for f, label in pick_images(args.data, args.split, args.images):
         try:
@@ -213,7 +222,7 @@ def draw_predictions(args) -> dict:
     with torch.no_grad():
         logits = model.masked_logits((u8.float() / 255 - m) / s, masks)
     pred = target.clone()
-    pred[masks] = logits[:, :dvae.arch.vocab_size].argmax(-1)
+    pred[masks] = logits[:, :tokenizer.vocab_size].argmax(-1)
     tgt_px, pred_px = decode_tokens(dvae, target), decode_tokens(dvae, pred)
     fig, axes = plt.subplots(len(imgs), 4, figsize=(8.0, 2.1 * len(imgs)), squeeze=False)
     rows = []
@@ -234,7 +243,7 @@ def draw_predictions(args) -> dict:
             ax.set_xticks([])
             ax.set_yticks([])
         rows.append({"file": f, "label": label, "masked": int(masks[b].sum()), "token_acc": round(acc, 4)})
-    fig.suptitle(f"{what['encoder']}: masked-token predictions, decoded by {Path(tok_path).name}", fontsize=8)
+    fig.suptitle(f"{what['encoder']}: masked-token predictions, decoded by {Path(dec_path).name}", fontsize=8)
     fig.tight_layout()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +251,7 @@ def draw_predictions(args) -> dict:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, out / "predictions.png")
-    res = {**what, "tokenizer": str(tok_path), "images": rows,
+    res = {**what, "tokenizer": str(tok_path), "decoder": str(dec_path), "images": rows,
            "token_acc": round(float(np.mean([r["token_acc"] for r in rows])), 4), "png": str(out / "predictions.png")}
     atomic_write_json(out / "predictions.json", res)
     print(f"[visualize] predictions of {len(rows)} images: {100 * res['token_acc']:.1f}% of the masked tokens right "
@@ -265,8 +274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="init seed of --ckpt random")
     ap.add_argument("--predictions", action="store_true", help="draw what the model predicts at the masked patches "
                     "(predictions.png, predictions.json) instead of the attention maps")
-    ap.add_argument("--tokenizer", default="", help="the dVAE tokenizer.pt whose decoder draws the tokens "
-                    "(default tokenizer.path of the config)")
+    ap.add_argument("--tokenizer", default="", help="the tokenizer that makes the targets (default tokenizer.path; "
+                    "its kind is tokenizer.kind)")
+    ap.add_argument("--decoder", default="", help="what draws tokens as pixels: a dVAE tokenizer.pt (default: the "
+                    "dVAE tokenizer itself) or OpenAI's DALL-E decoder.pkl (needed with tokenizer.kind=dalle)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)

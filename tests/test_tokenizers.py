@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from beitfast.config import load_config
 from beitfast.tokenizers import build_tokenizer, weights_checksum
@@ -239,3 +240,25 @@ def test_precision_is_honoured_and_recorded(tmp_path):
     assert ids["fp32"]["weights_sha256"] == ids["bf16"]["weights_sha256"]
     with pytest.raises(ValueError, match="precision"):
         DVAETokenizer(model, 16, precision="fp16")
+
+
+@needs_dall_e
+def test_a_pickled_dalle_decoder_draws_as_its_own_code_and_nothing_else_loads(small_pickle, tmp_path):
+    """OpenAI's decoder.pkl format (a whole pickled dall_e.Decoder) loads through its allow-list
+    into our decoder and decodes tokens to the pixels dall_e's own code gives; its state dict
+    does too; a pickled encoder offered as a decoder is refused."""
+    from beitfast.tokenizers.dvae import decode_tokens, load_decoder
+
+    torch.manual_seed(int(np.random.randint(1 << 30)))
+    dec = dall_e.Decoder(n_init=16, n_hid=32, vocab_size=512, n_blk_per_group=1)
+    torch.save(dec, tmp_path / "decoder.pkl")
+    torch.save(dec.state_dict(), tmp_path / "decoder_sd.pt")
+    codes = torch.randint(0, 512, (2, 4, 4))
+    with torch.no_grad():
+        want = dall_e.unmap_pixels(torch.sigmoid(dec(F.one_hot(codes, 512).permute(0, 3, 1, 2).float())[:, :3]))
+    for path in (tmp_path / "decoder.pkl", tmp_path / "decoder_sd.pt"):
+        model = load_decoder(path)
+        assert model.arch.vocab_size == 512 and model.arch.downsample == 8
+        torch.testing.assert_close(decode_tokens(model, codes), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_decoder(small_pickle[1])

@@ -91,3 +91,25 @@ def test_predictions_draw_decoded_targets_and_the_models_argmax(toy_root, tmp_pa
     capsys.readouterr()
     assert main([*args[:-4], "--out", str(tmp_path / "q"), "--tokenizer", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_predictions_with_the_dalle_tokenizer_and_its_decoder(toy_root, tmp_path):
+    """tokenizer.kind=dalle: the targets from a pickled dall_e.Encoder, drawn by a pickled
+    dall_e.Decoder (OpenAI's file formats); without --decoder it says what to pass."""
+    dall_e = pytest.importorskip("dall_e")
+    from beitfast.config import load_config
+
+    torch.manual_seed(0)
+    torch.save(dall_e.Encoder(n_hid=16, vocab_size=512), tmp_path / "encoder.pkl")
+    torch.save(dall_e.Decoder(n_init=16, n_hid=16, vocab_size=512, n_blk_per_group=1), tmp_path / "decoder.pkl")
+    cfg = load_config("tiny", [])
+    torch.save({"model": Beit(BeitArgs.from_config(cfg.model)).state_dict(), "config": cfg.to_dict(), "step": 1},
+               tmp_path / "ckpt.pt")
+    args = ["--predictions", "--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(toy_root), "--images", "2",
+            "--out", str(tmp_path / "p"), "tokenizer.kind=dalle", f"tokenizer.path={tmp_path / 'encoder.pkl'}",
+            "data.tokenizer_img_size=64"]
+    assert main(args) == 2  # no decoder named
+    assert main([*args, "--decoder", str(tmp_path / "decoder.pkl")]) == 0
+    res = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert res["decoder"].endswith("decoder.pkl") and len(res["images"]) == 2
+    assert all(0 <= r["token_acc"] <= 1 for r in res["images"])

@@ -144,6 +144,64 @@ def load_export(path: str | Path) -> tuple[DVAE, int]:
     return model, int(d["input_size"])
 
 
+def _dalle_decoder_allow_list() -> list:
+    try:
+        from dall_e.decoder import Decoder, DecoderBlock
+        from dall_e.utils import Conv2d
+    except ImportError as e:
+        raise ImportError("loading a pickled dall_e.Decoder needs the dall-e package "
+                          "(pip install --no-deps dall-e attrs requests)") from e
+    import collections
+
+    return [Decoder, DecoderBlock, Conv2d, nn.Sequential, nn.ReLU, nn.Upsample, nn.Identity,
+            collections.OrderedDict, torch.device]
+
+
+def load_decoder(path: str | Path) -> DVAE:
+    """A DVAE whose decoder draws tokens: our tokenizer.pt (train_dvae.py), or OpenAI's DALL-E
+    `decoder.pkl` (a pickled dall_e.Decoder, read through an allow-list of exactly its classes,
+    as the encoder is) or a plain state dict of that decoder. Its encoder is left untrained."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decoder weights not found: {path} (a dVAE tokenizer.pt, or OpenAI's "
+                                f"https://cdn.openai.com/dall-e/decoder.pkl)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:
+            with torch.serialization.safe_globals(_dalle_decoder_allow_list()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except ImportError:
+            raise
+        except Exception as e:
+            raise ValueError(f"refusing to load {path}: neither a dVAE export, a state dict nor a pickled "
+                             f"dall_e.Decoder ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    if isinstance(obj, dict) and obj.get("format") == EXPORT_FORMAT:
+        return load_export(path)[0]
+    if isinstance(obj, nn.Module):
+        if type(obj).__name__ != "Decoder" or type(obj).__module__ != "dall_e.decoder":
+            raise ValueError(f"refusing to load {path}: holds a {type(obj).__module__}.{type(obj).__name__}, "
+                             f"not a dall_e.decoder.Decoder")
+        obj = obj.state_dict()
+    if not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise ValueError(f"refusing to load {path}: expected a decoder, got {type(obj).__name__}")
+    sd = {k: v.float() for k, v in obj.items()}
+    try:
+        n_init, vocab = sd["blocks.input.w"].shape[:2]
+        n_hid = sd["blocks.output.conv.w"].shape[1]
+    except KeyError as e:
+        raise ValueError(f"{path}: not a DALL-E decoder state dict (missing {e.args[0]})") from None
+    groups = len({k.split(".")[1] for k in sd if k.startswith("blocks.group_")})
+    blocks = len({k.split(".")[2] for k in sd if k.startswith("blocks.group_1.block_")})
+    model = DVAE(DVAEArch(vocab_size=int(vocab), n_hid=int(n_hid), n_init=int(n_init), n_blk_per_group=blocks,
+                          downsample=2 ** (groups - 1), likelihood="logit_laplace"))
+    try:
+        model.decoder.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit a DALL-E decoder ({str(e).splitlines()[0]})") from None
+    return model
+
+
 class DVAETokenizer(Tokenizer):
     """Our dVAE's encoder as a tokenizer."""
 
