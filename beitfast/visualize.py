@@ -98,6 +98,40 @@ def pick_images(root: str, split: str, n: int) -> list[tuple[str, int]]:
     return out
 
 
+def read_views(root: str, split: str, picks: list[tuple[str, int]], sizes: tuple[int, ...],
+               progress: bool = False) -> tuple[list[torch.Tensor], list[tuple[str, int]]]:
+    """The centre view of each picked image at each of `sizes` (uint8, one stacked batch a size)
+    and the (file, label) pairs kept; an unreadable image is named on stderr and left out."""
+    from beitfast.progress import progress_bar
+
+    views, kept = [[] for _ in sizes], []
+    for f, label in progress_bar(picks, desc="images", unit="img", disable=not progress):
+        try:
+            data = (Path(root) / f).read_bytes()
+            got = [center_view(data, f, s) for s in sizes]
+        except (BadImage, OSError) as e:
+            print(f"[visualize] left out: {e}", file=sys.stderr)
+            continue
+        for v, g in zip(views, got):
+            v.append(g)
+        kept.append((f, label))
+    if not kept:
+        raise ValueError(f"{root}/{split}: no image could be decoded")
+    return [torch.stack(v) for v in views], kept
+
+
+def save_figure(fig, out: Path, name: str) -> Path:
+    """Write `fig` as out/name atomically (a temporary file renamed) and close it."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{name}.tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out / name)
+    return out / name
+
+
 def draw(args) -> dict:
     import matplotlib
 
@@ -108,25 +142,14 @@ def draw(args) -> dict:
     model, what, size = load_encoder(args.ckpt, cfg, args.seed)
     grid = model.grid[0]
     points = parse_points(args.points)
-    picks = pick_images(args.data, args.split, args.images)
-    from beitfast.progress import progress_bar
-
-    imgs, kept = [], []
-    for f, label in progress_bar(picks, desc="images", unit="img", disable=args.no_progress):
-        try:
-            imgs.append(center_view((Path(args.data) / f).read_bytes(), f, size))
-            kept.append((f, label))
-        except (BadImage, OSError) as e:
-            print(f"[visualize] left out: {e}", file=sys.stderr)
-    if not imgs:
-        raise ValueError(f"{args.data}/{args.split}: no image could be decoded")
-    u8 = torch.stack(imgs)
+    (u8,), kept = read_views(args.data, args.split, pick_images(args.data, args.split, args.images), (size,),
+                             not args.no_progress)
     m, s = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     att = last_attention(model, (u8.float() / 255 - m) / s, args.block)  # (B, H, N+1, N+1)
     att = att[:, args.head] if args.head is not None else att.mean(1)  # (B, N+1, N+1)
-    masks = MaskGenerator(MaskSpec.from_config(cfg.mask, grid), seed=cfg.mask.seed)(np.arange(len(imgs)))
+    masks = MaskGenerator(MaskSpec.from_config(cfg.mask, grid), seed=cfg.mask.seed)(np.arange(len(u8)))
     cols = 2 + len(points)
-    fig, axes = plt.subplots(len(imgs), cols, figsize=(2.0 * cols, 2.05 * len(imgs)), squeeze=False)
+    fig, axes = plt.subplots(len(u8), cols, figsize=(2.0 * cols, 2.05 * len(u8)), squeeze=False)
     uniform = math.log(grid * grid)
     rows = []
     for b, (row, (f, label)) in enumerate(zip(axes, kept)):
@@ -159,11 +182,7 @@ def draw(args) -> dict:
                  fontsize=8)
     fig.tight_layout()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "attention.png.tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out / "attention.png")
+    save_figure(fig, out, "attention.png")
     res = {**what, "points": points, "block": args.block % len(model.blocks) + 1, "images": rows,
            "mean_entropy": round(float(np.mean([e for r in rows for e in r["entropy"]])), 4),
            "png": str(out / "attention.png")}
@@ -203,28 +222,18 @@ def draw_predictions(args) -> dict:
         raise ValueError(f"tokenizer {tok_path}: a {tuple(tokenizer.grid)} grid of {tokenizer.vocab_size} tokens, decoder "
                          f"{dec_path}: {dvae.arch.vocab_size}; the model predicts {grid}x{grid} of "
                          f"{model.args.vocab_size}")
-    imgs, toks, kept = [], [], []
-    for f, label in pick_images(args.data, args.split, args.images):
-        try:
-            data = (Path(args.data) / f).read_bytes()
-            imgs.append(center_view(data, f, size))
-            toks.append(center_view(data, f, tok_size))
-            kept.append((f, label))
-        except (BadImage, OSError) as e:
-            print(f"[visualize] left out: {e}", file=sys.stderr)
-    if not imgs:
-        raise ValueError(f"{args.data}/{args.split}: no image could be decoded")
-    u8 = torch.stack(imgs)
-    target = tokenizer.encode(torch.stack(toks)).long()  # (B, grid, grid)
+    (u8, tok_u8), kept = read_views(args.data, args.split, pick_images(args.data, args.split, args.images),
+                                    (size, tok_size))
+    target = tokenizer.encode(tok_u8).long()  # (B, grid, grid)
     masks = torch.from_numpy(MaskGenerator(MaskSpec.from_config(cfg.mask, grid), seed=cfg.mask.seed)(
-        np.arange(len(imgs)))).bool()
+        np.arange(len(u8)))).bool()
     m, s = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     with torch.no_grad():
         logits = model.masked_logits((u8.float() / 255 - m) / s, masks)
     pred = target.clone()
     pred[masks] = logits[:, :tokenizer.vocab_size].argmax(-1)
     tgt_px, pred_px = decode_tokens(dvae, target), decode_tokens(dvae, pred)
-    fig, axes = plt.subplots(len(imgs), 4, figsize=(8.0, 2.1 * len(imgs)), squeeze=False)
+    fig, axes = plt.subplots(len(u8), 4, figsize=(8.0, 2.1 * len(u8)), squeeze=False)
     rows = []
     for b, (row, (f, label)) in enumerate(zip(axes, kept)):
         pic = u8[b].permute(1, 2, 0).numpy()
@@ -246,11 +255,7 @@ def draw_predictions(args) -> dict:
     fig.suptitle(f"{what['encoder']}: masked-token predictions, decoded by {Path(dec_path).name}", fontsize=8)
     fig.tight_layout()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "predictions.png.tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out / "predictions.png")
+    save_figure(fig, out, "predictions.png")
     res = {**what, "tokenizer": str(tok_path), "decoder": str(dec_path), "images": rows,
            "token_acc": round(float(np.mean([r["token_acc"] for r in rows])), 4), "png": str(out / "predictions.png")}
     atomic_write_json(out / "predictions.json", res)
