@@ -100,17 +100,49 @@ class DalleEncoder(nn.Module):
         return self.blocks(x)
 
 
-def _dalle_allow_list() -> list:
+def _dalle_allow_list(part: str = "encoder") -> list:
+    """Exactly the classes a pickled dall_e.Encoder (part="encoder") or dall_e.Decoder holds."""
     try:
+        from dall_e.decoder import Decoder, DecoderBlock
         from dall_e.encoder import Encoder, EncoderBlock
         from dall_e.utils import Conv2d
     except ImportError as e:
-        raise ImportError("loading a pickled dall_e.Encoder needs the dall-e package "
+        raise ImportError(f"loading a pickled dall_e.{part.capitalize()} needs the dall-e package "
                           "(pip install --no-deps dall-e attrs requests)") from e
     import collections
 
-    return [Encoder, EncoderBlock, Conv2d, nn.Sequential, nn.ReLU, nn.MaxPool2d, nn.Identity,
-            collections.OrderedDict, torch.device]
+    own = [Encoder, EncoderBlock, nn.MaxPool2d] if part == "encoder" else [Decoder, DecoderBlock, nn.Upsample]
+    return [*own, Conv2d, nn.Sequential, nn.ReLU, nn.Identity, collections.OrderedDict, torch.device]
+
+
+def read_dalle_file(path: Path, part: str, plain_ok=lambda obj: False):
+    """What a DALL-E weights file holds: a float state dict of `part`, from OpenAI's pickled
+    dall_e.Encoder / dall_e.Decoder (unpickled through `_dalle_allow_list(part)` only) or from a
+    plain state dict. `plain_ok(obj)` lets a caller take another weights-only object as it is
+    (returned unchanged). Anything else raises ValueError naming the file."""
+    cls = f"dall_e.{part}.{part.capitalize()}"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # Not a plain state dict: try a pickled dall_e module through the allow-list.
+        try:
+            with torch.serialization.safe_globals(_dalle_allow_list(part)):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except ImportError:
+            raise
+        except Exception as e:
+            raise ValueError(f"refusing to load {path}: it is neither a state dict nor a pickled "
+                             f"{cls} ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    if plain_ok(obj):
+        return obj
+    if isinstance(obj, nn.Module):
+        if f"{type(obj).__module__}.{type(obj).__name__}" != cls:
+            raise ValueError(f"refusing to load {path}: holds a {type(obj).__module__}.{type(obj).__name__}, "
+                             f"not a {cls}")
+        obj = obj.state_dict()
+    elif not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise ValueError(f"refusing to load {path}: expected a {cls} or a state dict, got {type(obj).__name__}")
+    return {k: v.float() for k, v in obj.items()}
 
 
 def arch_from_state_dict(sd: dict) -> dict:
@@ -134,28 +166,7 @@ def load_dalle_weights(path: str | Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"DALL-E encoder weights not found: {path} (OpenAI publishes them as "
                                 "https://cdn.openai.com/dall-e/encoder.pkl; or set tokenizer.kind=dvae and train "
                                 "your own with data_prep/train_dvae.py)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # Not a plain state dict: try a pickled dall_e.Encoder through the allow-list.
-        try:
-            with torch.serialization.safe_globals(_dalle_allow_list()):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except ImportError:
-            raise
-        except Exception as e:
-            raise ValueError(f"refusing to load {path}: it is neither a state dict nor a pickled "
-                             f"dall_e.Encoder ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-    if isinstance(obj, nn.Module):
-        if type(obj).__name__ != "Encoder" or type(obj).__module__ != "dall_e.encoder":
-            raise ValueError(f"refusing to load {path}: holds a {type(obj).__module__}.{type(obj).__name__}, "
-                             f"not a dall_e.encoder.Encoder")
-        sd = obj.state_dict()
-    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd = obj
-    else:
-        raise ValueError(f"refusing to load {path}: expected a dall_e.Encoder or a state dict, got {type(obj).__name__}")
-    sd = {k: v.float() for k, v in sd.items()}
+    sd = read_dalle_file(path, "encoder")
     return arch_from_state_dict(sd), sd
 
 

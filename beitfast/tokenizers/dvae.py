@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitfast.tokenizers.base import Tokenizer
-from beitfast.tokenizers.dalle import Conv, DalleEncoder, ResBlock, map_pixels, unmap_pixels
+from beitfast.tokenizers.dalle import Conv, DalleEncoder, ResBlock, map_pixels, read_dalle_file, unmap_pixels
 
 EXPORT_FORMAT = "beitfast-dvae/1"
 
@@ -135,6 +135,11 @@ def load_export(path: str | Path) -> tuple[DVAE, int]:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"refusing to load {path}: not a beitfast dVAE export ({type(e).__name__})") from None
+    return from_export(d, path)
+
+
+def from_export(d, path) -> tuple[DVAE, int]:
+    """(DVAE, input size) from the loaded contents `d` of the tokenizer.pt at `path`."""
     if not isinstance(d, dict) or d.get("format") != EXPORT_FORMAT:
         got = d.get("format") if isinstance(d, dict) else type(d).__name__
         raise ValueError(f"{path}: format {got!r}, expected {EXPORT_FORMAT!r} (a tokenizer.pt from train_dvae.py)")
@@ -142,19 +147,6 @@ def load_export(path: str | Path) -> tuple[DVAE, int]:
     model.encoder.load_state_dict(d["encoder"])
     model.decoder.load_state_dict(d["decoder"])
     return model, int(d["input_size"])
-
-
-def _dalle_decoder_allow_list() -> list:
-    try:
-        from dall_e.decoder import Decoder, DecoderBlock
-        from dall_e.utils import Conv2d
-    except ImportError as e:
-        raise ImportError("loading a pickled dall_e.Decoder needs the dall-e package "
-                          "(pip install --no-deps dall-e attrs requests)") from e
-    import collections
-
-    return [Decoder, DecoderBlock, Conv2d, nn.Sequential, nn.ReLU, nn.Upsample, nn.Identity,
-            collections.OrderedDict, torch.device]
 
 
 def load_decoder(path: str | Path) -> DVAE:
@@ -165,27 +157,9 @@ def load_decoder(path: str | Path) -> DVAE:
     if not path.is_file():
         raise FileNotFoundError(f"decoder weights not found: {path} (a dVAE tokenizer.pt, or OpenAI's "
                                 f"https://cdn.openai.com/dall-e/decoder.pkl)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:
-            with torch.serialization.safe_globals(_dalle_decoder_allow_list()):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except ImportError:
-            raise
-        except Exception as e:
-            raise ValueError(f"refusing to load {path}: neither a dVAE export, a state dict nor a pickled "
-                             f"dall_e.Decoder ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-    if isinstance(obj, dict) and obj.get("format") == EXPORT_FORMAT:
-        return load_export(path)[0]
-    if isinstance(obj, nn.Module):
-        if type(obj).__name__ != "Decoder" or type(obj).__module__ != "dall_e.decoder":
-            raise ValueError(f"refusing to load {path}: holds a {type(obj).__module__}.{type(obj).__name__}, "
-                             f"not a dall_e.decoder.Decoder")
-        obj = obj.state_dict()
-    if not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise ValueError(f"refusing to load {path}: expected a decoder, got {type(obj).__name__}")
-    sd = {k: v.float() for k, v in obj.items()}
+    sd = read_dalle_file(path, "decoder", lambda obj: isinstance(obj, dict) and obj.get("format") == EXPORT_FORMAT)
+    if sd.get("format") == EXPORT_FORMAT:  # our own tokenizer.pt
+        return from_export(sd, path)[0]
     try:
         n_init, vocab = sd["blocks.input.w"].shape[:2]
         n_hid = sd["blocks.output.conv.w"].shape[1]
