@@ -24,6 +24,21 @@ def setup(device_pref: str = "auto") -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
+def shutdown(clean: bool = True) -> None:
+    """Tear the process group down (a no-op without one). After a clean run the ranks first
+    meet at a barrier, so that no rank closes its connections and exits while a peer is still
+    writing its last files: a gloo rank that left early once aborted in its teardown
+    ("terminate called without an active exception", CI, train_dvae under torchrun)."""
+    if not dist.is_initialized():
+        return
+    if clean and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone already: nothing left to wait for
+            pass
+    dist.destroy_process_group()
+
+
 def rng_states(world: int, device: torch.device) -> list[dict]:
     """Every rank's RNG states, {"cpu": ..., "cuda": ... or None} (collective when world > 1),
     for checkpoints: drop path and dropout draw from the CUDA generator on a GPU."""
@@ -117,13 +132,16 @@ def trainer_main(argv, doc: str, prog: str, default_cfg: str, schema, run, expec
         res = run(cfg, world, rank, device, out)
     except (ConfigError, FileNotFoundError, ValueError, WorldSizeChanged, SelfCheckFailed, *expected) as e:
         print(f"{prog}: {e}", file=sys.stderr)
+        shutdown(clean=False)
         return 2
     except FloatingPointError as e:
         print(f"{prog}: {e}; {out / 'ckpt.pt'} is the last good checkpoint", file=sys.stderr)
+        shutdown(clean=False)
         return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
     if rank == 0:
         print(json.dumps(res))
     from beitfast.preempt import EXIT_PREEMPTED

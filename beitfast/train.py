@@ -429,8 +429,11 @@ def main(argv=None) -> int:
     if started is None:
         return 2
     world, rank, device, out = started
+    clean = False  # a rank that failed does not wait for its peers at the teardown's barrier
     try:
-        return EXIT_PREEMPTED if pretrain(cfg, world, rank, device, out) else 0
+        code = EXIT_PREEMPTED if pretrain(cfg, world, rank, device, out) else 0
+        clean = True
+        return code
     except (ConfigError, CacheError, StartError, selfcheck.SelfCheckFailed) as e:
         print(f"train: cannot start: {e}", file=sys.stderr)
         return 2
@@ -441,8 +444,7 @@ def main(argv=None) -> int:
         print(f"train: {f}: {type(e).__name__}: {one_line(e, 2000)}", file=sys.stderr)
         return 1
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.shutdown(clean)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from beitfast import distributed  # noqa: E402
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import (MAGIC, META_DTYPE, VERSION, CacheError, atomic_write_json,  # noqa: E402
                                  diff_settings, expected_settings, read_done, write_shard)
@@ -227,8 +228,7 @@ def main(argv=None) -> int:
             preempt.mark(a.out, sum(read_done(a.out, s) is not None for s in range(n_shards)), pre.requested)
             print(f"[tokenize] stopped on a signal after finishing its shard; {a.out} keeps every finished shard; "
                   f"run the same command again to resume (exit {preempt.EXIT_PREEMPTED})")
-        if world > 1:
-            dist.destroy_process_group()
+        distributed.shutdown()
         return preempt.EXIT_PREEMPTED
 
     # --- manifest (rank 0, after every shard is done)
@@ -238,6 +238,7 @@ def main(argv=None) -> int:
         missing = [s for s, d in enumerate(dones) if d is None]
         if missing:
             print(f"tokenize_imagenet: shards {missing[:10]} are not complete; re-run to finish", file=sys.stderr)
+            distributed.shutdown(clean=False)
             return 1
         files = {name: h for d in dones for name, h in d["files"].items()}
         rejected = [r for d in dones for r in d["rejected"]]
@@ -257,8 +258,7 @@ def main(argv=None) -> int:
             print(f"tokenize_imagenet: {100 * frac:.2f}% of images failed, above --max-reject "
                   f"{100 * a.max_reject:.2f}%", file=sys.stderr)
             code = 1
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.shutdown()
     return code
 
 

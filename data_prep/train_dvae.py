@@ -370,8 +370,7 @@ def main(argv=None) -> int:
                 bar.close()
                 if main_proc:
                     print(f"[dvae] stopped at step {step} as asked (--stop-at); re-run to resume")
-                if world > 1:
-                    dist.destroy_process_group()
+                distributed.shutdown()
                 return 0
     bar.close()
 
@@ -387,8 +386,7 @@ def main(argv=None) -> int:
               f"codebook perplexity {last['perplexity']:.1f}, {100 * last['used_fraction']:.1f}% of "
               f"{arch.vocab_size} codes used; tokenizer -> {out / 'tokenizer.pt'}, grid -> {out / 'recon.png'}")
         print(json.dumps(summary))
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.shutdown()
     return 0
 
 
