@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -44,10 +42,10 @@ from beitfast import preempt, selfcheck  # noqa: E402
 from beitfast.config import ConfigError, FinetuneConfig  # noqa: E402
 from beitfast.data.images import list_imagefolder, read_decodable  # noqa: E402
 from beitfast.data.sampler import Counting, StepSampler  # noqa: E402
-from beitfast.distributed import rng_states, trainer_main  # noqa: E402
+from beitfast.distributed import trainer_main  # noqa: E402
 from beitfast.model import SIZES  # noqa: E402
-from beitfast.preempt import Preemption  # noqa: E402
 from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
+from beitfast.steploop import accumulation, autocast, train_steps  # noqa: E402
 from beitfast.train import lr_at  # noqa: E402
 
 CKPT_FORMAT = "beitfast-finetune-ckpt/1"
@@ -288,37 +286,22 @@ def evaluate(model: nn.Module, ds: EvalSet, rank: int, world: int, device, batch
 
 
 # ----------------------------------------------------------------------------- training
-def _amp(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return partial(torch.autocast, device.type, dtype=dtype)
-
-
-def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, out: Path) -> dict:
+def build_criterion(d, num_classes: int):
+    """(timm's Mixup/CutMix or None, the loss): soft-target cross-entropy after Mixup/CutMix
+    (label smoothing inside them), label-smoothed or plain cross-entropy without."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from beitfast.progress import progress_bar
 
-    d, o, t = cfg.data, cfg.optim, cfg.train
-    files, labels, classes = list_imagefolder(d.root, d.train_split)
-    vfiles, vlabels, vclasses = list_imagefolder(d.root, d.val_split)
-    if vclasses != classes:
-        raise ValueError(f"{d.root}: the class folders of '{d.val_split}' differ from those of '{d.train_split}'")
-    num_classes = cfg.model.num_classes or len(classes)
-    if num_classes < len(classes):
-        raise ConfigError(f"model.num_classes={num_classes} but {d.root}/{d.train_split} has {len(classes)} classes")
-    accum = t.global_batch // (d.batch_size * world)
-    if accum < 1 or accum * d.batch_size * world != t.global_batch:
-        raise ConfigError(f"train.global_batch ({t.global_batch}) must be data.batch_size ({d.batch_size}) x "
-                          f"{world} process(es) x a whole number of accumulation steps")
-    sampler = StepSampler(len(files), t.seed, d.batch_size, world, rank, accum)
-    if sampler.steps_per_epoch < 1:
-        raise ConfigError(f"{d.root}/{d.train_split} has {len(files)} images, fewer than one global batch "
-                          f"({t.global_batch})")
-    spe = sampler.steps_per_epoch
-    total, warmup = t.epochs * spe, int(round(o.warmup_epochs * spe))
+    if d.mixup > 0 or d.cutmix > 0:
+        return (Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
+                      mode="batch", label_smoothing=d.smoothing, num_classes=num_classes), SoftTargetCrossEntropy())
+    return None, LabelSmoothingCrossEntropy(d.smoothing) if d.smoothing > 0 else nn.CrossEntropyLoss()
 
+
+def build_model(cfg: FinetuneConfig, num_classes: int, rank: int, device: torch.device):
+    """(classifier on `device`, what load_pretrained said, AdamW over the layer-decay groups,
+    the groups' lr scales, the GradScaler); the same initial weights on every rank."""
+    o, t = cfg.optim, cfg.train
     torch.manual_seed(t.seed)  # the same initial head (and encoder, without weights) on every rank
     model = build_classifier(cfg.model, num_classes)
     loaded = load_pretrained(model, cfg.model.pretrained) if cfg.model.pretrained else {"pretrained": None}
@@ -328,130 +311,91 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
             if rank == 0:
                 print(f"[finetune] {note}")
     groups = layer_decay_groups(model, o.weight_decay, o.layer_decay)
-    scales = [g["lr_scale"] for g in groups]
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=o.lr,
                             betas=o.betas, eps=o.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    mixup = None
-    if d.mixup > 0 or d.cutmix > 0:
-        mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
-                      mode="batch", label_smoothing=d.smoothing, num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif d.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(d.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    return model, loaded, opt, [g["lr_scale"] for g in groups], scaler
 
-    ckpt_path, step, best = out / "ckpt.pt", 0, None
-    ck = resume_job(ckpt_path, CKPT_FORMAT, t.global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
+
+def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, out: Path) -> dict:
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    files, labels, classes = list_imagefolder(d.root, d.train_split)
+    vfiles, vlabels, vclasses = list_imagefolder(d.root, d.val_split)
+    if vclasses != classes:
+        raise ValueError(f"{d.root}: the class folders of '{d.val_split}' differ from those of '{d.train_split}'")
+    num_classes = cfg.model.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise ConfigError(f"model.num_classes={num_classes} but {d.root}/{d.train_split} has {len(classes)} classes")
+    accum = accumulation(t.global_batch, d.batch_size, world)
+    sampler = StepSampler(len(files), t.seed, d.batch_size, world, rank, accum)
+    if sampler.steps_per_epoch < 1:
+        raise ConfigError(f"{d.root}/{d.train_split} has {len(files)} images, fewer than one global batch "
+                          f"({t.global_batch})")
+    spe = sampler.steps_per_epoch
+    total, warmup = t.epochs * spe, int(round(o.warmup_epochs * spe))
+    model, loaded, opt, scales, scaler = build_model(cfg, num_classes, rank, device)
+    mixup, criterion = build_criterion(d, num_classes)
+
+    ck = resume_job(out / "ckpt.pt", CKPT_FORMAT, t.global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
                     rank, world, device)
-    if ck is not None:
-        step, best = ck["step"], ck.get("best")
-        if rank == 0:
-            print(f"[{PROG}] resumed from {ckpt_path} at step {step} of {total}")
-    elif rank == 0:
-        print(f"[{PROG}] {cfg.model.size} BEiT at {cfg.model.img_size} px, {num_classes} classes, "
+    step, best = (ck["step"], ck.get("best")) if ck is not None else (0, None)
+    if rank == 0:
+        print(f"[{PROG}] resumed from {out / 'ckpt.pt'} at step {step} of {total}" if ck is not None else
+              f"[{PROG}] {cfg.model.size} BEiT at {cfg.model.img_size} px, {num_classes} classes, "
               f"weights: {loaded['pretrained'] or 'random init'}; {len(files)} train / {len(vfiles)} val images, "
               f"{total} steps of {t.global_batch}")
-    if rank == 0:
         reset_metrics(out / "metrics.jsonl", step)
         preempt.clear(out)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     train_tf, val_tf = build_transforms(d, cfg.model.img_size)
     ds = TrainStream(d.root, files, labels, sampler, train_tf, t.seed)
     vds = EvalSet(d.root, vfiles, vlabels, val_tf, cfg.model.img_size)
     sampler.start_step = step
-    it = train_batches(ds, d.batch_size, d.workers, device.type == "cuda")
-    amp = _amp(t.precision, device)
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    bar = progress_bar(total=total, initial=step, desc=PROG, unit="step", disable=rank != 0 or not cfg.log.progress)
-    win = {"loss": torch.zeros((), device=device), "steps": 0, "t": time.perf_counter()}
-    last_eval = None
-    net.train()
-    pre = Preemption(PROG, world, device, cfg.log.ckpt_every_minutes, verbose=rank == 0)
-    stop = False
-    try:
-        while step < total:
-            lr = lr_at(step, total, warmup, o.lr, o.min_lr)
-            for g, s in zip(opt.param_groups, scales):
-                g["lr"] = lr * s
-            for micro in range(accum):
-                x, y = next(it)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if mixup is not None:  # timm's Mixup draws from numpy's global generator
-                    with seeded([t.seed, step, micro, world, rank, 1]):
-                        x, y = mixup(x, y)
-                sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else net.no_sync()
-                with sync:
-                    with amp():
-                        loss = criterion(net(x), y)
-                    scaler.scale(loss / accum).backward()
-                win["loss"] += loss.detach().float() / accum
-            if o.clip_grad:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            win["steps"] += 1
-            bar.update()
-            epoch_end = step % spe == 0
-            if step % cfg.log.every == 0 or epoch_end or step == total:
-                loss_v = win["loss"].item() / win["steps"]
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"the loss is {loss_v} at step {step}; lower optim.lr")
-                dt = time.perf_counter() - win["t"]
-                row = {"kind": "train", "step": step, "epoch": (step - 1) // spe, "loss": round(loss_v, 5),
-                       "lr": lr, "images_per_s": round(win["steps"] * t.global_batch / dt, 2)}
-                if rank == 0:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{loss_v:.3f}", img_s=row["images_per_s"])
-                win = {"loss": torch.zeros((), device=device), "steps": 0, "t": time.perf_counter()}
-            epoch = step // spe
-            if (epoch_end and epoch % t.eval_every_epochs == 0) or step == total:
-                last_eval = evaluate(model, vds, rank, world, device, d.batch_size, d.workers, amp)
-                row = {"kind": "eval", "step": step, "epoch": epoch, **{k: round(v, 4) for k, v in last_eval.items()}}
-                if best is None or last_eval["acc1"] > best["acc1"]:
-                    best = {"acc1": last_eval["acc1"], "acc5": last_eval["acc5"], "epoch": epoch, "step": step}
-                    if rank == 0:
-                        atomic_save({"state_dict": model.state_dict(), "epoch": epoch, "acc1": best["acc1"],
-                                     "num_classes": num_classes, "classes": classes}, out / "best.pt")
-                if rank == 0:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    bar.write(f"[{PROG}] epoch {epoch} (step {step}): top-1 {last_eval['acc1']:.2f}%, "
-                              f"top-5 {last_eval['acc5']:.2f}% on {last_eval['images']} images")
-            stop, timed = pre.poll(step, force=step % cfg.log.every == 0 or epoch_end or step == total)
-            if (epoch_end and epoch % cfg.log.ckpt_every_epochs == 0) or step == total or step == t.stop_at or timed:
-                states = rng_states(world, device)
-                if rank == 0:
-                    atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "scaler": scaler.state_dict(), "step": step, "best": best, "rng_states": states,
-                                 "world_size": world, "config": cfg.to_dict(), "classes": classes}, ckpt_path)
-                pre.saved()
-            if stop:
-                if rank == 0:
-                    preempt.announce(PROG, out, step, "step", pre.requested)
-                return {"preempted_at": step}
-            if step == t.stop_at:
-                break
-    finally:
-        pre.close()
-        bar.close()
-        if log is not None:
-            log.close()
-        del it
+    amp = autocast(t.precision, device)
+    kept = {"best": best, "last": None}
+
+    def run_eval(at: int) -> tuple[dict, str]:
+        ev, epoch = evaluate(model, vds, rank, world, device, d.batch_size, d.workers, amp), at // spe
+        kept["last"] = ev
+        if kept["best"] is None or ev["acc1"] > kept["best"]["acc1"]:
+            kept["best"] = {"acc1": ev["acc1"], "acc5": ev["acc5"], "epoch": epoch, "step": at}
+            if rank == 0:
+                atomic_save({"state_dict": model.state_dict(), "epoch": epoch, "acc1": ev["acc1"],
+                             "num_classes": num_classes, "classes": classes}, out / "best.pt")
+        return ({"kind": "eval", "step": at, "epoch": epoch, **{k: round(v, 4) for k, v in ev.items()}},
+                f"[{PROG}] epoch {epoch} (step {at}): top-1 {ev['acc1']:.2f}%, top-5 {ev['acc5']:.2f}% on "
+                f"{ev['images']} images")
+
+    def mix(x, y, at: int, micro: int):
+        with seeded([t.seed, at, micro, world, rank, 1]):  # timm's Mixup draws from numpy's global generator
+            return mixup(x, y)
+
+    step, preempted = train_steps(
+        prog=PROG, unit="step", out=out, rank=rank, world=world, device=device, net=net, model=model, opt=opt,
+        scaler=scaler, lr_scales=scales, lr_at=lambda s: lr_at(s, total, warmup, o.lr, o.min_lr),
+        batches=train_batches(ds, d.batch_size, d.workers, device.type == "cuda"), accum=accum,
+        loss_of=lambda n, x, y: criterion(n(x), y), prepare=mix if mixup is not None else None,
+        clip_grad=o.clip_grad, autocast_ctx=amp, global_batch=t.global_batch, start=step, total=total,
+        stop_at=t.stop_at, report_due=lambda s: s % cfg.log.every == 0 or s % spe == 0,
+        eval_due=lambda s: s % spe == 0 and (s // spe) % t.eval_every_epochs == 0,
+        ckpt_due=lambda s: s % spe == 0 and (s // spe) % cfg.log.ckpt_every_epochs == 0,
+        evaluate=run_eval, train_row=lambda s: {"epoch": (s - 1) // spe}, ckpt_every_minutes=cfg.log.ckpt_every_minutes,
+        checkpoint=lambda s, states: {"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                      "scaler": scaler.state_dict(), "step": s, "best": kept["best"],
+                                      "rng_states": states, "world_size": world, "config": cfg.to_dict(),
+                                      "classes": classes},
+        progress=cfg.log.progress)
+    if preempted:
+        return {"preempted_at": step}
     if step < total:
         return {"stopped_at": step}
-    if last_eval is None:  # resumed at the very end: the last eval row is in the log
+    last, best = kept["last"], kept["best"]
+    if last is None:  # resumed at the very end: the last eval row is in the log
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        last_eval = [r for r in rows if r["kind"] == "eval"][-1]
-    res = {"acc1": round(last_eval["acc1"], 3), "acc5": round(last_eval["acc5"], 3),
+        last = [r for r in rows if r["kind"] == "eval"][-1]
+    res = {"acc1": round(last["acc1"], 3), "acc5": round(last["acc5"], 3),
            "best_acc1": round(best["acc1"], 3), "best_epoch": best["epoch"], "steps": step,
            "pretrained": cfg.model.pretrained or None, "out": str(out)}
     if rank == 0:

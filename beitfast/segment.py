@@ -32,12 +32,10 @@ classes), matched by file stem.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beitfast import preempt, selfcheck  # noqa: E402
 from beitfast.config import ConfigError, SegConfig  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
-from beitfast.distributed import rng_states, trainer_main  # noqa: E402
-from beitfast.finetune import _amp, build_classifier, layer_id, load_pretrained, train_batches  # noqa: E402
-from beitfast.preempt import Preemption  # noqa: E402
-from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
+from beitfast.distributed import trainer_main  # noqa: E402
+from beitfast.finetune import build_classifier, layer_id, load_pretrained, train_batches  # noqa: E402
+from beitfast.runlog import reset_metrics, resume_job  # noqa: E402
+from beitfast.steploop import accumulation, autocast, train_steps  # noqa: E402
 
 CKPT_FORMAT = "beitfast-seg-ckpt/1"
 PROG = "segment"
@@ -408,19 +406,10 @@ def draw_predictions(shown, n: int, png: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Path) -> dict:
-    from beitfast.progress import progress_bar
-
-    d, o, t = cfg.data, cfg.optim, cfg.train
-    pairs = list_ade20k(d.root, d.train_split)
-    vpairs = list_ade20k(d.root, d.val_split)
-    accum = t.global_batch // (d.batch_size * world)
-    if accum < 1 or accum * d.batch_size * world != t.global_batch:
-        raise ConfigError(f"train.global_batch ({t.global_batch}) must be data.batch_size ({d.batch_size}) x "
-                          f"{world} process(es) x a whole number of accumulation steps")
-    sampler = StepSampler(len(pairs), t.seed, d.batch_size, world, rank, accum)
-    if sampler.steps_per_epoch < 1:
-        raise ConfigError(f"{d.root}/images/{d.train_split} has {len(pairs)} images, fewer than one global batch")
+def build_model(cfg: SegConfig, world: int, rank: int, device: torch.device):
+    """(segmenter on `device`, what load_pretrained said, AdamW over the layer-decay groups, the
+    groups' lr scales, the GradScaler); the same initial weights on every rank."""
+    o, t = cfg.optim, cfg.train
     torch.manual_seed(t.seed)
     model = Segmenter(cfg)
     loaded = load_pretrained(model.backbone.vit, cfg.model.pretrained) if cfg.model.pretrained else {"pretrained": None}
@@ -432,21 +421,40 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
             if rank == 0:
                 print(f"[segment] {note}")
     groups = seg_param_groups(model, o.weight_decay, o.layer_decay)
-    scales = [g["lr_scale"] for g in groups]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    ckpt_path, it, best = out / "ckpt.pt", 0, None
-    ck = resume_job(ckpt_path, CKPT_FORMAT, t.global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
+    return model, loaded, opt, [g["lr_scale"] for g in groups], scaler
+
+
+def seg_loss(aux_weight: float):
+    """The loss of a (logits, aux logits or None) segmenter: cross-entropy ignoring IGNORE,
+    plus aux_weight x that of the auxiliary head."""
+    def loss_of(net, x, y):
+        logits, aux = net(x)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
+        if aux is not None:
+            loss = loss + aux_weight * F.cross_entropy(aux.float(), y, ignore_index=IGNORE)
+        return loss
+    return loss_of
+
+
+def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Path) -> dict:
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    pairs = list_ade20k(d.root, d.train_split)
+    vpairs = list_ade20k(d.root, d.val_split)
+    accum = accumulation(t.global_batch, d.batch_size, world)
+    sampler = StepSampler(len(pairs), t.seed, d.batch_size, world, rank, accum)
+    if sampler.steps_per_epoch < 1:
+        raise ConfigError(f"{d.root}/images/{d.train_split} has {len(pairs)} images, fewer than one global batch")
+    model, loaded, opt, scales, scaler = build_model(cfg, world, rank, device)
+    ck = resume_job(out / "ckpt.pt", CKPT_FORMAT, t.global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
                     rank, world, device)
-    if ck is not None:
-        it, best = ck["iter"], ck.get("best")
-        if rank == 0:
-            print(f"[{PROG}] resumed from {ckpt_path} at iteration {it} of {t.iters}")
-    elif rank == 0:
-        print(f"[{PROG}] {cfg.model.size} BEiT + {cfg.model.head} at {cfg.model.img_size} px, {d.num_classes} classes, "
+    it, best = (ck["iter"], ck.get("best")) if ck is not None else (0, None)
+    if rank == 0:
+        print(f"[{PROG}] resumed from {out / 'ckpt.pt'} at iteration {it} of {t.iters}" if ck is not None else
+              f"[{PROG}] {cfg.model.size} BEiT + {cfg.model.head} at {cfg.model.img_size} px, {d.num_classes} classes, "
               f"weights: {loaded['pretrained'] or 'random init'}; {len(pairs)} train / {len(vpairs)} val images, "
               f"{t.iters} iterations of {t.global_batch}")
-    if rank == 0:
         reset_metrics(out / "metrics.jsonl", it)
         preempt.clear(out)
     net = model
@@ -454,79 +462,35 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler.start_step = it
     ds = SegTrainStream(pairs, sampler, d, cfg.model.img_size, t.seed)
-    batches = train_batches(ds, d.batch_size, d.workers, device.type == "cuda")
-    amp = _amp(t.precision, device)
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    bar = progress_bar(total=t.iters, initial=it, desc=PROG, unit="it", disable=rank != 0 or not cfg.log.progress)
-    win, t0, last = torch.zeros((), device=device), time.perf_counter(), None
-    net.train()
-    pre = Preemption(PROG, world, device, cfg.log.ckpt_every_minutes, verbose=rank == 0)
-    try:
-        while it < t.iters:
-            lr = poly_lr(it, o, t.iters)
-            for g, s in zip(opt.param_groups, scales):
-                g["lr"] = lr * s
-            for micro in range(accum):
-                x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else net.no_sync()
-                with sync:
-                    with amp():
-                        logits, aux = net(x)
-                        loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
-                        if aux is not None:
-                            loss = loss + cfg.model.aux_weight * F.cross_entropy(aux.float(), y, ignore_index=IGNORE)
-                    scaler.scale(loss / accum).backward()
-                win += loss.detach().float() / accum
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            it += 1
-            bar.update()
-            if it % cfg.log.every == 0 or it == t.iters:
-                n_it = cfg.log.every if it % cfg.log.every == 0 else it % cfg.log.every
-                loss_v = win.item() / n_it
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"the loss is {loss_v} at iteration {it}; lower optim.lr")
-                row = {"kind": "train", "iter": it, "loss": round(loss_v, 5), "lr": lr,
-                       "images_per_s": round(n_it * t.global_batch / (time.perf_counter() - t0), 2)}
-                if rank == 0:
-                    log.write(json.dumps({"step": it, **row}) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{loss_v:.3f}", img_s=row["images_per_s"])
-                win, t0 = torch.zeros((), device=device), time.perf_counter()
-            if it % t.eval_every == 0 or it == t.iters:
-                last = evaluate(model, vpairs, cfg, rank, world, device, amp, out / "predictions.png" if rank == 0 else None)
-                if best is None or last["miou"] > best["miou"]:
-                    best = {"miou": last["miou"], "iter": it}
-                if rank == 0:
-                    log.write(json.dumps({"step": it, "kind": "eval", "iter": it, "miou": round(last["miou"], 3),
-                                          "aacc": round(last["aacc"], 3)}) + "\n")
-                    log.flush()
-                    bar.write(f"[{PROG}] iteration {it}: mIoU {last['miou']:.2f}, pixel accuracy {last['aacc']:.2f}% "
-                              f"on {last['images']} images -> {out / 'predictions.png'}")
-            stop, timed = pre.poll(it, force=it % cfg.log.every == 0 or it == t.iters)
-            if it % cfg.log.ckpt_every == 0 or it == t.iters or it == t.stop_at or timed:
-                states = rng_states(world, device)
-                if rank == 0:
-                    atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "scaler": scaler.state_dict(), "iter": it, "best": best, "rng_states": states,
-                                 "world_size": world, "config": cfg.to_dict()}, ckpt_path)
-                pre.saved()
-            if stop:
-                if rank == 0:
-                    preempt.announce(PROG, out, it, "iteration", pre.requested)
-                return {"preempted_at": it}
-            if it == t.stop_at:
-                break
-    finally:
-        pre.close()
-        bar.close()
-        if log is not None:
-            log.close()
-        del batches
+    amp = autocast(t.precision, device)
+    kept = {"best": best, "last": None}
+
+    def run_eval(at: int) -> tuple[dict, str]:
+        ev = evaluate(model, vpairs, cfg, rank, world, device, amp, out / "predictions.png" if rank == 0 else None)
+        kept["last"] = ev
+        if kept["best"] is None or ev["miou"] > kept["best"]["miou"]:
+            kept["best"] = {"miou": ev["miou"], "iter": at}
+        return ({"kind": "eval", "step": at, "iter": at, "miou": round(ev["miou"], 3), "aacc": round(ev["aacc"], 3)},
+                f"[{PROG}] iteration {at}: mIoU {ev['miou']:.2f}, pixel accuracy {ev['aacc']:.2f}% on "
+                f"{ev['images']} images -> {out / 'predictions.png'}")
+
+    it, preempted = train_steps(
+        prog=PROG, unit="iteration", out=out, rank=rank, world=world, device=device, net=net, model=model, opt=opt,
+        scaler=scaler, lr_scales=scales, lr_at=lambda i: poly_lr(i, o, t.iters),
+        batches=train_batches(ds, d.batch_size, d.workers, device.type == "cuda"), accum=accum,
+        loss_of=seg_loss(cfg.model.aux_weight), autocast_ctx=amp, global_batch=t.global_batch, start=it,
+        total=t.iters, stop_at=t.stop_at, report_due=lambda i: i % cfg.log.every == 0,
+        eval_due=lambda i: i % t.eval_every == 0, ckpt_due=lambda i: i % cfg.log.ckpt_every == 0,
+        evaluate=run_eval, train_row=lambda i: {"iter": i}, ckpt_every_minutes=cfg.log.ckpt_every_minutes,
+        checkpoint=lambda i, states: {"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                      "scaler": scaler.state_dict(), "iter": i, "best": kept["best"],
+                                      "rng_states": states, "world_size": world, "config": cfg.to_dict()},
+        progress=cfg.log.progress)
+    if preempted:
+        return {"preempted_at": it}
     if it < t.iters:
         return {"stopped_at": it}
+    last, best = kept["last"], kept["best"]
     if last is None:  # resumed at the very end: evaluate the final weights again
         last = evaluate(model, vpairs, cfg, rank, world, device, amp)
     res = {"miou": round(last["miou"], 3), "aacc": round(last["aacc"], 3),
