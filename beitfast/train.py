@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numba
@@ -34,7 +35,8 @@ import kernels  # noqa: E402
 from beitfast import distributed, preempt, selfcheck  # noqa: E402
 from beitfast.config import ConfigError, cli_config  # noqa: E402
 from beitfast.data.cache import CacheError, TokenCache  # noqa: E402
-from beitfast.data.loader import build_loader, one_line, resolve_backend, thread_plan  # noqa: E402
+from beitfast.data.loader import build_loader, resolve_backend, thread_plan  # noqa: E402
+from beitfast.data.render import one_line  # noqa: E402
 from beitfast.model import Beit, BeitArgs  # noqa: E402
 from beitfast.preempt import EXIT_PREEMPTED, Preemption  # noqa: E402
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
@@ -163,19 +165,52 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> bool:
-    """The run; True when it stopped early on a signal (its checkpoint written)."""
-    cuda = device.type == "cuda"
-    main_proc = rank == 0
-    resolved = check_choices(cfg, device)
+@dataclass
+class Run:
+    """What the named steps of a pretraining run share, filled in data-flow order by pretrain():
+    open_data (loader, accumulation, schedule), build_model (model, optimizer, precision),
+    resume (step, DDP wrapper). A record, not a trainer: the steps are plain functions."""
+    cfg: object
+    world: int
+    rank: int
+    device: torch.device
+    out: Path
+    loader: object = None
+    accum: int = 1
+    steps_per_epoch: int = 0
+    total: int = 0
+    warmup: int = 0
+    model: Beit | None = None
+    ddp: torch.nn.Module | None = None
+    fwd: object = None  # ddp, or torch.compile(ddp)
+    opt: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+    step: int = 0
+    last_good: int | None = None  # the step of the checkpoint on disk
 
-    # --- data
+    @property
+    def main_proc(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "ckpt.pt"
+
+
+def open_data(r: Run) -> dict:
+    """The data step: the accumulation that makes the global batch, the token cache checked
+    against the config (or, online, the tokenizer's weights), the start-up self-check of the
+    fast paths, this rank's threads and the loader; the schedule's lengths. Returns what the
+    start line says."""
+    cfg, world = r.cfg, r.world
+    resolved = check_choices(cfg, r.device)
     per_pass = cfg.data.batch_size * world
     if cfg.train.global_batch % per_pass:
         raise ConfigError(f"train.global_batch ({cfg.train.global_batch}) must be a multiple of data.batch_size "
                           f"({cfg.data.batch_size}) x {world} processes; the difference is made up by gradient "
                           f"accumulation")
-    accum = cfg.train.global_batch // per_pass
+    r.accum = cfg.train.global_batch // per_pass
     online = cfg.data.targets == "online"
     cache = tokenizer = None
     if online:  # the original recipe: no cache; the tokenizer runs on this device every step
@@ -191,46 +226,64 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> boo
         cache.check_config(cfg, tokenizer)
     checked = []
     if cfg.train.self_check:  # the fast paths against their twins, on this device, before anything trains
-        _, checked = selfcheck.startup_pretrain(cfg, device, cache, seed=cfg.train.seed)
-        resolved = check_choices(cfg, device)  # model.kernels may have fallen back to torch
+        _, checked = selfcheck.startup_pretrain(cfg, r.device, cache, seed=cfg.train.seed)
+        resolved = check_choices(cfg, r.device)  # model.kernels may have fallen back to torch
     threads, workers = thread_plan(cfg.data)  # this node's cores divided among its ranks, not multiplied
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        loader = build_loader(cfg, cache, rank, world, device, accum, threads=threads, workers=workers)
+        r.loader = build_loader(cfg, cache, r.rank, world, r.device, r.accum, threads=threads, workers=workers)
     except (ValueError, FileNotFoundError, ImportError) as e:
         if not online:
             raise
         raise StartError(f"data.targets=online: {e}") from None
-    steps_per_epoch = loader.steps_per_epoch
-    total = cfg.train.epochs * steps_per_epoch
+    r.steps_per_epoch = r.loader.steps_per_epoch
+    r.total = cfg.train.epochs * r.steps_per_epoch
     if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    if main_proc:
-        print(f"[train] {world} process(es) x data.batch_size {cfg.data.batch_size} x {accum} accumulation "
-              f"step(s) = global batch {cfg.train.global_batch}; loader: {resolve_backend(cfg.data)}"
-              + (" (data.backend=auto; online targets render with the reference backend)"
-                 if online and cfg.data.backend == "auto" else "") + f" on the "
-              f"{'GPU' if cuda else 'CPU'}, {threads} thread(s) and {workers} worker process(es) per rank, "
-              f"{cfg.data.prefetch} batches ahead; kernels {resolved['kernels']}; optimizer {resolved['optimizer']}; "
-              f"precision {cfg.train.precision}; targets "
-              + (f"online ({cfg.tokenizer.kind} tokenizer on the {'GPU' if cuda else 'CPU'} every step, "
-                 f"{cfg.tokenizer.precision}, images from {cfg.data.root})" if online else f"from {cfg.data.cache}"))
-        for note in checked:
-            print(f"[train] {note}")
-        if tokenizer is None and not online:
-            print(f"[train] note: tokenizer.path={cfg.tokenizer.path or '(empty)'} is not on this machine, so the "
-                  f"cache's tokenizer ({cache.settings['tokenizer']['kind']}, weights "
-                  f"{cache.settings['tokenizer']['weights_sha256'][:12]}) is not checked against the config")
+        r.total = min(r.total, cfg.train.max_steps)
+    r.warmup = int(cfg.optim.warmup_epochs * r.steps_per_epoch)
+    return {"resolved": resolved, "checked": checked, "threads": threads, "workers": workers, "cache": cache,
+            "tokenizer": tokenizer, "online": online}
 
-    # --- model, optimizer, resume
-    model = Beit(BeitArgs.from_config(cfg.model)).to(device)
-    opt = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    step = 0
-    ckpt_path = out / "ckpt.pt"
+
+def say_start(r: Run, info: dict) -> None:
+    """The start line (rank 0): the batch's make-up, the loader, kernels, optimizer, precision, targets."""
+    cfg, online, cuda = r.cfg, info["online"], r.device.type == "cuda"
+    if not r.main_proc:
+        return
+    print(f"[train] {r.world} process(es) x data.batch_size {cfg.data.batch_size} x {r.accum} accumulation "
+          f"step(s) = global batch {cfg.train.global_batch}; loader: {resolve_backend(cfg.data)}"
+          + (" (data.backend=auto; online targets render with the reference backend)"
+             if online and cfg.data.backend == "auto" else "") + f" on the "
+          f"{'GPU' if cuda else 'CPU'}, {info['threads']} thread(s) and {info['workers']} worker process(es) per "
+          f"rank, {cfg.data.prefetch} batches ahead; kernels {info['resolved']['kernels']}; optimizer "
+          f"{info['resolved']['optimizer']}; precision {cfg.train.precision}; targets "
+          + (f"online ({cfg.tokenizer.kind} tokenizer on the {'GPU' if cuda else 'CPU'} every step, "
+             f"{cfg.tokenizer.precision}, images from {cfg.data.root})" if online else f"from {cfg.data.cache}"))
+    for note in info["checked"]:
+        print(f"[train] {note}")
+    if info["tokenizer"] is None and not online:
+        tok = info["cache"].settings["tokenizer"]
+        print(f"[train] note: tokenizer.path={cfg.tokenizer.path or '(empty)'} is not on this machine, so the "
+              f"cache's tokenizer ({tok['kind']}, weights {tok['weights_sha256'][:12]}) is not checked against the "
+              f"config")
+
+
+def build_model(r: Run) -> None:
+    """The model step: the BEiT, its optimizer over the reference's decay groups, the autocast
+    dtype (None: fp32) and the fp16 GradScaler."""
+    cfg = r.cfg
+    r.model = Beit(BeitArgs.from_config(cfg.model)).to(r.device)
+    r.opt = build_optimizer(param_groups(r.model, cfg.optim.weight_decay), cfg.optim, r.device)
+    r.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    r.scaler = torch.amp.GradScaler(r.device.type) if r.amp_dtype == torch.float16 else None
+
+
+def resume(r: Run) -> None:
+    """The resume step: model, optimizer, scaler and every rank's RNG streams from out/ckpt.pt
+    when it is there (refused when its global batch or world size differ, naming the fix); the
+    metrics log cut back to the checkpoint's step; the DDP wrapper and torch.compile."""
+    cfg, ckpt_path = r.cfg, r.ckpt_path
     if ckpt_path.exists():
         try:
             ck = read_checkpoint(ckpt_path, CKPT_FORMAT, "move it away to start over")
@@ -241,176 +294,218 @@ def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> boo
                              f", this config has {cfg.train.global_batch}: its steps would replay other images; "
                              f"resume with the same global batch or move the checkpoint away")
         try:
-            distributed.restore_rng(ck["rng"], rank, world, device,
+            distributed.restore_rng(ck["rng"], r.rank, r.world, r.device,
                                     reseed=cfg.train.seed * 1_000_003 + ck["step"] if cfg.train.allow_world_change
                                     else None)
         except distributed.WorldSizeChanged as e:
             raise StartError(f"{ckpt_path}: {e}, or set train.allow_world_change=true to go on with fresh per-rank "
                              f"random streams (the images and masks of every step stay the same)") from None
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        step = ck["step"]
-        if main_proc:
-            print(f"[train] resumed from {ckpt_path} at step {step}"
+        r.model.load_state_dict(ck["model"])
+        r.opt.load_state_dict(ck["optimizer"])
+        if r.scaler is not None and ck.get("scaler"):
+            r.scaler.load_state_dict(ck["scaler"])
+        r.step = r.last_good = ck["step"]
+        if r.main_proc:
+            print(f"[train] resumed from {ckpt_path} at step {r.step}"
                   + (f" (written by {len(ck['rng'])} process(es); per-rank random streams reseeded)"
-                     if len(ck["rng"]) != world else ""))
-    last_good = step if ckpt_path.exists() else None
-    if main_proc:
-        reset_metrics(out / "metrics.jsonl", step)
-        preempt.clear(out)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=cfg.train.find_unused_parameters) if world > 1 else model
-    fwd = ddp
+                     if len(ck["rng"]) != r.world else ""))
+    if r.main_proc:
+        reset_metrics(r.out / "metrics.jsonl", r.step)
+        preempt.clear(r.out)
+    r.ddp = torch.nn.parallel.DistributedDataParallel(
+        r.model, find_unused_parameters=cfg.train.find_unused_parameters) if r.world > 1 else r.model
+    r.fwd = r.ddp
     if cfg.train.compile:  # the static mask budget keeps the step one graph (no data-dependent shapes)
-        fwd = torch.compile(ddp)
-        if main_proc:
+        r.fwd = torch.compile(r.ddp)
+        if r.main_proc:
             print("[train] model step compiled with torch.compile (first steps include compilation)")
 
-    def checkpoint(at: int) -> None:
-        rng = distributed.rng_states(world, device)
-        if main_proc:
-            atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None, "step": at,
-                         "epoch": at // steps_per_epoch, "world": world, "rng": rng, "config": cfg.to_dict()},
-                        ckpt_path)
 
-    def non_finite(first: int, last: int) -> NonFiniteError:
-        kept = f"{ckpt_path} (step {last_good}) is the last good checkpoint, kept as it was" if last_good is not None \
-            else "no checkpoint had been written yet"
-        return NonFiniteError(f"non-finite loss or gradient norm in steps {first}..{last}; stopped without saving: "
-                              f"{kept}. Lower optim.lr, lengthen optim.warmup_epochs or tighten optim.clip_grad")
+def save_checkpoint(r: Run, at: int) -> None:
+    """out/ckpt.pt at step `at` (collective: every rank's RNG streams; rank 0 writes, atomically)."""
+    rng = distributed.rng_states(r.world, r.device)
+    if r.main_proc:
+        atomic_save({"format": CKPT_FORMAT, "model": r.model.state_dict(), "optimizer": r.opt.state_dict(),
+                     "scaler": r.scaler.state_dict() if r.scaler is not None else None, "step": at,
+                     "epoch": at // r.steps_per_epoch, "world": r.world, "rng": rng, "config": r.cfg.to_dict()},
+                    r.ckpt_path)
+    r.last_good = at
 
-    # --- loop
-    from beitfast.progress import progress_bar
 
-    # per report window: loss sum, correct, masked, grad-norm sum, grad norms counted, non-finite steps
-    acc = torch.zeros(6, device=device)
-    waited = 0.0  # host seconds spent waiting for batches in this report window
-    n_acc, t0, first = 0, time.time(), step + 1
-    ckpt_every = max(1, cfg.log.ckpt_every_epochs * steps_per_epoch)
-    writer = None
-    if main_proc and cfg.log.tensorboard:
+class Window:
+    """A report window's sums on the device (no host sync until the report): loss, correct,
+    masked tokens, grad-norm sum, grad norms counted, non-finite steps; the host seconds spent
+    waiting for batches; steps; start time; first step."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.acc = torch.zeros(6, device=device)
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.acc.zero_()
+        self.waited, self.steps, self.t0, self.first = 0.0, 0, time.time(), step + 1
+
+    def non_finite(self, r: Run, last: int) -> NonFiniteError:
+        kept = (f"{r.ckpt_path} (step {r.last_good}) is the last good checkpoint, kept as it was"
+                if r.last_good is not None else "no checkpoint had been written yet")
+        return NonFiniteError(f"non-finite loss or gradient norm in steps {self.first}..{last}; stopped without "
+                              f"saving: {kept}. Lower optim.lr, lengthen optim.warmup_epochs or tighten "
+                              f"optim.clip_grad")
+
+
+def train_step(r: Run, batches, win: Window, lr: float) -> None:
+    """One optimizer step: r.accum micro-batches (DDP syncs on the last), the gradient norm
+    (clipped at optim.clip_grad), the scaler's or the optimizer's step; sums into `win`."""
+    cfg, acc, scaler = r.cfg, win.acc, r.scaler
+    for g in r.opt.param_groups:
+        g["lr"] = lr
+    for m in range(r.accum):  # DDP averages over ranks; dividing by accum averages over micro-batches
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        win.waited += time.perf_counter() - t_wait
+        with r.ddp.no_sync() if (r.world > 1 and m < r.accum - 1) else nullcontext():
+            with torch.autocast(r.device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
+                o = r.fwd(batch["images"], batch["mask"], batch["tokens"], cfg.mask.num_patches)
+            loss = o["loss"] / r.accum if r.accum > 1 else o["loss"]
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        acc[:3] += torch.stack([loss.detach().float(), o["correct"].float(), o["n_masked"].float()])
+        acc[5] += (~torch.isfinite(loss.detach())).float()
+    if scaler is not None:
+        scaler.unscale_(r.opt)
+    params = [p for p in r.model.parameters() if p.grad is not None]
+    gn = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad) if cfg.optim.clip_grad
+          else torch.nn.utils.get_total_norm([p.grad for p in params]))
+    finite = torch.isfinite(gn)
+    acc[3] += torch.where(finite, gn, 0.0)
+    acc[4] += finite.float()
+    if scaler is not None:  # an overflowed step is skipped by the scaler, not an error
+        scaler.step(r.opt)
+        scaler.update()
+    else:
+        acc[5] += (~finite).float()
+        r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    if cfg.train.sync_each_step:  # as the reference logs: the host waits for every step
+        loss.item()
+    win.steps += 1
+
+
+def report(r: Run, win: Window, lr: float, writer, bar) -> None:
+    """The report after step r.step: the window's sums over every rank (the one host sync),
+    a row of metrics.jsonl (and TensorBoard), the bar's figures; a non-finite step fails here."""
+    if r.world > 1:
+        dist.all_reduce(win.acc)
+    loss_sum, correct, masked, gn_sum, gn_n, bad = win.acc.tolist()
+    if bad:
+        raise win.non_finite(r, r.step)
+    dt, n = time.time() - win.t0, win.steps
+    row = {"step": r.step, "epoch": (r.step - 1) // r.steps_per_epoch, "steps": n,
+           "loss": round(loss_sum / (n * r.world), 5), "mim_acc": round(correct / max(1.0, masked), 5),
+           "lr": lr, "grad_norm": round(gn_sum / max(1.0, gn_n), 5), "step_time_ms": round(1000 * dt / n, 2),
+           "images_per_s": round(n * r.cfg.train.global_batch / dt, 2), "data_wait": round(win.waited / dt, 4),
+           "peak_mem_mib": round(peak_memory_mib(r.device), 1)}
+    if r.scaler is not None:
+        row["loss_scale"] = r.scaler.get_scale()
+    if r.main_proc:
+        with open(r.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch"):
+                    writer.add_scalar(f"train/{k}", v, r.step)
+        bar.set_postfix(loss=row["loss"], acc=row["mim_acc"], img_s=row["images_per_s"])
+    win.reset(r.step)
+
+
+def open_observers(r: Run):
+    """(TensorBoard writer, memorisation probe, profiler): each None unless configured; rank 0 only."""
+    cfg, writer, probe, prof = r.cfg, None, None, None
+    if r.main_proc and cfg.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out), purge_step=step + 1)  # a resumed run drops events past its checkpoint
-    probe = None
-    if cfg.log.mim_eval and main_proc:  # fixed views of the same images: the memorisation probe
+        writer = SummaryWriter(str(r.out), purge_step=r.step + 1)  # a resumed run drops events past its checkpoint
+    if cfg.log.mim_eval and r.main_proc:  # fixed views of the same images: the memorisation probe
         from beitfast.mim_eval import MimProbe, append_row
 
         try:
-            probe = MimProbe(cfg, device)
+            probe = MimProbe(cfg, r.device)
         except ValueError as e:  # CacheError included
             raise StartError(str(e)) from None
-        reset_metrics(out / "mim_eval.jsonl", step)
-        if step == 0:
-            append_row(out / "mim_eval.jsonl", {"step": 0, "epoch": 0, **probe(model)})
-    eval_every = max(1, cfg.log.mim_eval_every_epochs * steps_per_epoch)
-    prof = start_profiler(out / "profile", cfg.log.profile_steps, cuda) if (main_proc and cfg.log.profile_steps) else None
-    bar = progress_bar(total=total, initial=step, desc="pretrain", unit="step", disable=not (main_proc and cfg.log.progress))
-    batches = loader.stream(step)  # the backend prepares data.prefetch batches ahead on its own
-    model.train()
-    pre = Preemption("train", world, device, cfg.log.ckpt_every_minutes, verbose=main_proc)
+        reset_metrics(r.out / "mim_eval.jsonl", r.step)
+        if r.step == 0:
+            append_row(r.out / "mim_eval.jsonl", {"step": 0, "epoch": 0, **probe(r.model)})
+    if r.main_proc and cfg.log.profile_steps:
+        prof = start_profiler(r.out / "profile", cfg.log.profile_steps, r.device.type == "cuda")
+    return writer, probe, prof
+
+
+def pretrain(cfg, world: int, rank: int, device: torch.device, out: Path) -> bool:
+    """The run, in data-flow order: data, model and optimizer, resume, loop (train_step,
+    report, memorisation probe, checkpoint, preemption). True when it stopped early on a
+    signal (its checkpoint written)."""
+    from beitfast.progress import progress_bar
+
+    r = Run(cfg, world, rank, device, out)
+    info = open_data(r)
+    say_start(r, info)
+    build_model(r)
+    resume(r)
+    win = Window(device, r.step)
+    ckpt_every = max(1, cfg.log.ckpt_every_epochs * r.steps_per_epoch)
+    eval_every = max(1, cfg.log.mim_eval_every_epochs * r.steps_per_epoch)
+    writer, probe, prof = open_observers(r)
+    if probe is not None:
+        from beitfast.mim_eval import append_row
+    bar = progress_bar(total=r.total, initial=r.step, desc="pretrain", unit="step",
+                       disable=not (r.main_proc and cfg.log.progress))
+    batches = r.loader.stream(r.step)  # the backend prepares data.prefetch batches ahead on its own
+    r.model.train()
+    pre = Preemption("train", world, device, cfg.log.ckpt_every_minutes, verbose=r.main_proc)
     stopped = False
     try:
-        while step < total:
-            lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            for m in range(accum):  # DDP averages over ranks; dividing by accum averages over micro-batches
-                t_wait = time.perf_counter()
-                batch = next(batches)
-                waited += time.perf_counter() - t_wait
-                with ddp.no_sync() if (world > 1 and m < accum - 1) else nullcontext():
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        o = fwd(batch["images"], batch["mask"], batch["tokens"], cfg.mask.num_patches)
-                    loss = o["loss"] / accum if accum > 1 else o["loss"]
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                acc[:3] += torch.stack([loss.detach().float(), o["correct"].float(), o["n_masked"].float()])
-                acc[5] += (~torch.isfinite(loss.detach())).float()
-            if scaler is not None:
-                scaler.unscale_(opt)
-            params = [p for p in model.parameters() if p.grad is not None]
-            gn = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad) if cfg.optim.clip_grad
-                  else torch.nn.utils.get_total_norm([p.grad for p in params]))
-            finite = torch.isfinite(gn)
-            acc[3] += torch.where(finite, gn, 0.0)
-            acc[4] += finite.float()
-            if scaler is not None:  # an overflowed step is skipped by the scaler, not an error
-                scaler.step(opt)
-                scaler.update()
-            else:
-                acc[5] += (~finite).float()
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cfg.train.sync_each_step:  # as the reference logs: the host waits for every step
-                loss.item()
-            n_acc += 1
-            step += 1
+        while r.step < r.total:
+            lr = lr_at(r.step, r.total, r.warmup, cfg.optim.lr, cfg.optim.min_lr)
+            train_step(r, batches, win, lr)
+            r.step += 1
+            step, last = r.step, r.step == r.total
             bar.update()
             if prof is not None:
                 prof.step()
-            if step % cfg.log.every == 0 or step == total:
-                if world > 1:
-                    dist.all_reduce(acc)
-                loss_sum, correct, masked, gn_sum, gn_n, bad = acc.tolist()  # the one host sync per report
-                if bad:
-                    raise non_finite(first, step)
-                dt = time.time() - t0
-                row = {"step": step, "epoch": (step - 1) // steps_per_epoch, "steps": n_acc,
-                       "loss": round(loss_sum / (n_acc * world), 5), "mim_acc": round(correct / max(1.0, masked), 5),
-                       "lr": lr, "grad_norm": round(gn_sum / max(1.0, gn_n), 5),
-                       "step_time_ms": round(1000 * dt / n_acc, 2),
-                       "images_per_s": round(n_acc * cfg.train.global_batch / dt, 2),
-                       "data_wait": round(waited / dt, 4),
-                       "peak_mem_mib": round(peak_memory_mib(device), 1)}
-                if scaler is not None:
-                    row["loss_scale"] = scaler.get_scale()
-                if main_proc:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    if writer is not None:
-                        for k, v in row.items():
-                            if k not in ("step", "epoch"):
-                                writer.add_scalar(f"train/{k}", v, step)
-                    bar.set_postfix(loss=row["loss"], acc=row["mim_acc"], img_s=row["images_per_s"])
-                acc.zero_()
-                n_acc, t0, first, waited = 0, time.time(), step + 1, 0.0
-            if probe is not None and (step % eval_every == 0 or step == total):  # before a checkpoint at this step
-                append_row(out / "mim_eval.jsonl", {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                                                    **probe(model)})
-            stopped, timed = pre.poll(step, force=step % cfg.log.every == 0 or step == total)
-            if step % ckpt_every == 0 or step == total or step == cfg.train.stop_at or timed:
-                bad = acc[5:].clone()  # steps since the last report: never save non-finite weights
+            if step % cfg.log.every == 0 or last:
+                report(r, win, lr, writer, bar)
+            if probe is not None and (step % eval_every == 0 or last):  # before a checkpoint at this step
+                append_row(out / "mim_eval.jsonl", {"step": step, "epoch": round(step / r.steps_per_epoch, 3),
+                                                    **probe(r.model)})
+            stopped, timed = pre.poll(step, force=step % cfg.log.every == 0 or last)
+            if step % ckpt_every == 0 or last or step == cfg.train.stop_at or timed:
+                bad = win.acc[5:].clone()  # steps since the last report: never save non-finite weights
                 if world > 1:
                     dist.all_reduce(bad)
                 if bad.item():
-                    raise non_finite(first, step)
-                checkpoint(step)
-                last_good = step
+                    raise win.non_finite(r, step)
+                save_checkpoint(r, step)
                 pre.saved()
             if stopped:
-                if main_proc:
+                if r.main_proc:
                     preempt.announce("train", out, step, "step", pre.requested)
                 break
             if step == cfg.train.stop_at:
-                if main_proc:
+                if r.main_proc:
                     print(f"[train] stopped at step {step} as asked (train.stop_at); re-run to resume")
                 break
     except Exception as e:
-        raise LoopFailure(step + 1) from e
+        raise LoopFailure(r.step + 1) from e
     finally:
         pre.close()
         batches.close()  # stops the backend's threads and worker processes before anything else goes
-        loader.close()
+        r.loader.close()
         bar.close()
         if writer is not None:
             writer.close()
         if prof is not None:
             prof.stop()
-    if main_proc and not stopped:
-        print(f"[train] {step} steps done; checkpoint {ckpt_path}, metrics {out / 'metrics.jsonl'}")
+    if r.main_proc and not stopped:
+        print(f"[train] {r.step} steps done; checkpoint {r.ckpt_path}, metrics {out / 'metrics.jsonl'}")
     return stopped
 
 
