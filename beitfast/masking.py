@@ -16,7 +16,9 @@ Entry points:
 - `MaskGenerator(spec, seed)(indices, epoch)` -> bool (B, h, w), Numba, parallel over B;
 - `reference_mask(spec, rng)`: the twin, plain Python, taking either `CounterRng` (same
   stream as the Numba code: identical masks) or `random.Random` (the reference's RNG);
-- `dali_mask_op(...)` and `FFCVMaskOp`: the same generator inside the loaders.
+- `MaskGenerator(spec, seed, parallel=False)`: the same masks in the calling thread only
+  (the DALI backend's external source, whose thread must not share Numba's parallel pool
+  with the trainer's); `ffcv_mask_op`: the generator as an FFCV pipeline operation.
 """
 from __future__ import annotations
 
@@ -306,13 +308,28 @@ def _nb_masks(out, seed, epoch, indices, budget, min_p, max_block, log_lo, log_h
                          log_lo, log_hi, mode_random, exact, cand, rows)
 
 
+@njit
+def _nb_masks_serial(out, seed, epoch, indices, budget, min_p, max_block, log_lo, log_hi, mode_random, exact):
+    """_nb_masks in the calling thread (no parallel pool): the same masks."""
+    b, h, w = out.shape
+    flat = out.reshape(b, h * w)
+    flat[:] = False
+    cand = np.empty(h * w, np.int64)
+    rows = np.empty(h, np.uint64)
+    for s in range(b):
+        _nb_mask_one(flat[s], h, w, _nb_key(seed, epoch, indices[s]), budget, min_p, max_block,
+                     log_lo, log_hi, mode_random, exact, cand, rows)
+
+
 class MaskGenerator:
     """Batched masks from `spec`: `gen(indices, epoch)` -> bool (B, h, w), each mask a pure
-    function of (seed, epoch, index)."""
+    function of (seed, epoch, index); parallel over the batch in Numba's thread pool, or in
+    the calling thread alone (parallel=False)."""
 
-    def __init__(self, spec: MaskSpec, seed: int = 0):
+    def __init__(self, spec: MaskSpec, seed: int = 0, parallel: bool = True):
         self.spec = spec
         self.seed = int(seed)
+        self.parallel = parallel
 
     def _args(self):
         s = self.spec
@@ -327,7 +344,7 @@ class MaskGenerator:
               or not out.flags.c_contiguous):
             raise ValueError(f"out must be a C-contiguous bool {(idx.size, self.spec.height, self.spec.width)}, got {out.dtype} {out.shape}")
         with np.errstate(over="ignore"):  # uint64 wrap-around is the hash; matters with JIT off
-            _nb_masks(out, self.seed, int(epoch), idx, *self._args())
+            (_nb_masks if self.parallel else _nb_masks_serial)(out, self.seed, int(epoch), idx, *self._args())
         return out
 
 
@@ -339,33 +356,6 @@ def python_random_masks(spec: MaskSpec, n: int, seed: int = 0) -> np.ndarray:
 
 
 # =========================================================================== loaders
-def dali_mask_op(spec: MaskSpec, keys):
-    """A DALI CPU operator: `keys` is a DataNode of int64 [seed, epoch, index] per sample;
-    returns a DataNode of uint8 (h, w) masks, identical to MaskGenerator's."""
-    from nvidia.dali import types
-    from nvidia.dali.plugin.numba.fn.experimental import numba_function
-
-    h, w = spec.height, spec.width
-    budget, min_p, max_block, lo, hi, rnd, exact = MaskGenerator(spec)._args()
-
-    def setup(outs, ins):
-        for i in range(len(outs[0])):
-            outs[0][i][0] = h
-            outs[0][i][1] = w
-
-    def run(out, key):
-        m = out.reshape(h * w)
-        m[:] = 0
-        cand = np.empty(h * w, np.int64)
-        rows = np.empty(h, np.uint64)
-        # uint8 output: _nb_mask_one writes 1 into the cells it masks
-        _nb_mask_one(m, h, w, _nb_key(key[0], key[1], key[2]), budget, min_p, max_block, lo, hi, rnd, exact,
-                     cand, rows)
-
-    return numba_function(keys, run_fn=run, setup_fn=setup, out_types=[types.UINT8],
-                          in_types=[types.INT64], outs_ndim=[2], ins_ndim=[1], batch_processing=False)
-
-
 def ffcv_mask_op(spec: MaskSpec, seed: int = 0):
     """An FFCV pipeline operation that ignores its input and returns the (B, h, w) bool masks
     of the batch's sample indices at the operation's current `epoch` attribute (set it

@@ -48,7 +48,7 @@ class MimProbe:
         from PIL import Image
         import torchvision.transforms.functional as TF
 
-        from beitfast.data.loader import render_args
+        from beitfast.data.render import render_args
         from beitfast.data.views import reference_view
         from beitfast.masking import MaskGenerator, MaskSpec
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from beitfast.masking import (CounterRng, MaskGenerator, MaskSpec, dali_mask_op, ffcv_mask_op,
+from beitfast.masking import (CounterRng, MaskGenerator, MaskSpec, ffcv_mask_op,
                               python_random_masks, reference_mask, reference_masks)
 from tests.conftest import ROOT, ffcv_skip_reason
 
@@ -139,27 +139,17 @@ def test_bad_spec_is_refused():
         MaskGenerator(MaskSpec())(np.arange(4), 0, out=np.empty((3, 14, 14), bool))
 
 
-def test_dali_operator_matches_plain_function():
-    from nvidia.dali import fn, pipeline_def, types
-
-    spec = MaskSpec(height=14, width=14, num_patches=75, exact=False)
-    seed, epoch, batch = 9, 3, 12
-    starts = [0, 12, 24]
-
-    @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=1)
-    def pipe():
-        def keys(info):  # sample index -> [seed, epoch, index]
-            return np.array([seed, epoch, 1000 + info.idx_in_epoch], np.int64)
-        return dali_mask_op(spec, fn.external_source(source=keys, batch=False, dtype=types.INT64))
-
-    p = pipe()
-    p.build()
-    gen = MaskGenerator(spec, seed)
-    for s in starts:
-        (out,) = p.run()
-        got = np.stack([np.array(out[i]) for i in range(batch)])
-        assert got.dtype == np.uint8 and got.shape == (batch, 14, 14)
-        np.testing.assert_array_equal(got.astype(bool), gen(1000 + np.arange(s, s + batch), epoch))
+def test_serial_generator_equals_the_parallel_one():
+    """The DALI backend's source draws its masks in its own thread (parallel=False): the same
+    masks as the parallel generator, for every mode, on fresh random indices and epochs."""
+    rng = np.random.default_rng()
+    for spec in (MaskSpec(height=14, width=14, num_patches=75), MaskSpec(height=14, width=14, num_patches=75, exact=True),
+                 MaskSpec(height=8, width=8, num_patches=20, mode="random")):
+        seed, epoch = (int(x) for x in rng.integers(0, 2**31, 2))
+        idx = rng.integers(0, 10**9, 300)
+        par, ser = MaskGenerator(spec, seed)(idx, epoch), MaskGenerator(spec, seed, parallel=False)(idx, epoch)
+        assert par.any() and not par.all()
+        np.testing.assert_array_equal(ser, par)
 
 
 @pytest.mark.timeout(180)

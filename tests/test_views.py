@@ -149,3 +149,35 @@ def test_renderer_crop_flip_resize_and_jitter_on_cpu():
     assert diff.max() <= 2 and diff.float().mean() < 0.02, (diff.max(), diff.float().mean())
     with pytest.raises(ValueError, match="1..4"):
         r.render([data] * 5, np.repeat(views[:1], 5))
+
+
+def test_dali_jitter_equals_the_numba_pass():
+    """The DALI graph's jitter (three coord_transform ops, CPU here, the same ops on a GPU)
+    equals resample.jitter_into (the FFCV backend's Numba pass) exactly, on fresh random
+    images and views."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from beitfast.data.resample import jitter_into
+    from beitfast.data.views import dali_jitter
+
+    rng = np.random.default_rng()
+    n = 64
+    imgs = [rng.integers(0, 256, (int(rng.integers(8, 60)), int(rng.integers(8, 60)), 3), dtype=np.uint8)
+            for _ in range(n)]
+    mats = list(jitter_matrices(_views(n, rng, 100, 100)).astype(np.float32))
+
+    @pipeline_def(batch_size=n, num_threads=2, device_id=None)
+    def pipe():
+        img = fn.external_source(source=lambda: imgs, batch=True, dtype=types.UINT8, layout="HWC")
+        return dali_jitter(img, fn.external_source(source=lambda: mats, batch=True, dtype=types.FLOAT))
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    changed = 0
+    for i in range(n):
+        want = np.empty_like(imgs[i])
+        jitter_into(want, imgs[i], mats[i])
+        np.testing.assert_array_equal(np.asarray(out[i]), want)
+        changed += not np.array_equal(want, imgs[i])
+    assert changed > n // 2  # the views do jitter

@@ -2,15 +2,20 @@
 
 The graph, top to bottom (`training_pipeline`):
 
-    CacheSource          per-sample callback, run by `data.workers` Python worker processes:
-                         sample n of the rank's stream -> jpeg bytes, crop box, flip, jitter
-                         slots, tokens, mask key, index (read from the memory-mapped cache)
+    CacheSource          per-batch callback, run by `data.workers` Python worker processes:
+                         micro-batch t of the rank's stream -> jpeg bytes, crop box, flip,
+                         jitter slots, tokens, index (read from the memory-mapped cache) and the
+                         blockwise masks (MaskGenerator's Numba code, in the worker's thread)
     dali_view            ROI decode (CPU: libjpeg-turbo; GPU: nvJPEG 'mixed' with the hardware
-                         engine, `data.hw_decoder_load`) -> resize -> jitter -> flip ->
+                         engine, `data.hw_decoder_load`) -> jitter -> resize -> flip ->
                          normalise straight to the training dtype (fp16 for bf16/fp16 runs,
                          fp32 otherwise), CHW
-    dali_mask_op         the blockwise masks, Numba, inside the graph
     .gpu()               tokens and masks join the images on the GPU
+
+No operator of the graph is compiled when it is built: DALI's Numba operators compile a
+C callback each time a pipeline is made (about 4 s an operator on this project's CPUs, for
+every rank of every run), so the masks come with the source and the jitter is DALI's own
+coord_transform on both devices.
 
 Executed asynchronously and pipelined (`exec_async`, `exec_pipelined`) with a prefetch queue
 of `data.prefetch` (>= 2) batches. DALI 2.4 then runs its dynamic executor, whose outputs are
@@ -38,7 +43,7 @@ import torch
 from beitfast.data.cache import TokenCache
 from beitfast.data.sampler import StepSampler
 from beitfast.data.views import dali_view, pick_view, view_inputs
-from beitfast.masking import MaskSpec, dali_mask_op
+from beitfast.masking import MaskGenerator, MaskSpec
 
 OUTPUTS = ("images", "tokens", "mask", "index")
 
@@ -46,13 +51,16 @@ OUTPUTS = ("images", "tokens", "mask", "index")
 class CacheSource:
     """The external source's callback, one call per micro-batch: micro-batch t of this rank's
     stream -> per-sample lists of jpeg bytes, crop start and shape, flip, jitter slots, tokens,
-    mask key and index, read from the memory-mapped cache. Stateless in DALI's sense (the output
+    mask and index, read from the memory-mapped cache (the masks: MaskGenerator of (mask seed,
+    epoch, index), serial in the calling thread, which is a worker process or DALI's feeding
+    thread, never Numba's pool the trainer may be using). Stateless in DALI's sense (the output
     for t depends on t alone; the open cache and the epoch's permutation are caches each worker
     process rebuilds), so DALI may run it in any worker. One call a batch rather than a sample:
     DALI's own per-sample calling cost on the feeding thread was what two cores lacked."""
 
-    def __init__(self, cache_path: str, sampler: StepSampler, seed: int, mask_seed: int):
-        self.cache_path, self.sampler, self.seed, self.mask_seed = str(cache_path), sampler, seed, mask_seed
+    def __init__(self, cache_path: str, sampler: StepSampler, seed: int, spec: MaskSpec, mask_seed: int):
+        self.cache_path, self.sampler, self.seed = str(cache_path), sampler, seed
+        self.masks = MaskGenerator(spec, mask_seed, parallel=False)
         self._cache = None
 
     def __getstate__(self):  # workers reopen the memory maps themselves
@@ -69,10 +77,10 @@ class CacheSource:
         inp = view_inputs(views)
         return ([np.asarray(it[0]) for it in items], inp["start"], inp["shape"], inp["flip"], inp["mats"],
                 [np.asarray(it[3][v], np.int32) for it, v in zip(items, which)],
-                [np.array([self.mask_seed, epoch, j], np.int64) for j in idx], [np.array(j, np.int64) for j in idx])
+                list(self.masks(idx, epoch)), [np.array(j, np.int64) for j in idx])
 
 
-def training_pipeline(source: CacheSource, spec: MaskSpec, *, batch: int, size: int, interp: str, gpu: bool,
+def training_pipeline(source: CacheSource, *, batch: int, size: int, interp: str, gpu: bool,
                       device_id: int, threads: int, workers: int, prefetch: int, normalize, dtype,
                       hw_decoder_load: float = 0.65):
     """The rank's DALI pipeline (not yet built). normalize None gives uint8 views (the
@@ -83,15 +91,14 @@ def training_pipeline(source: CacheSource, spec: MaskSpec, *, batch: int, size: 
                   prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True,
                   py_num_workers=max(1, workers), py_start_method="spawn")
     def pipe():
-        (jpegs, start, shape, flip, mats, tokens, key, index) = fn.external_source(
+        (jpegs, start, shape, flip, mats, tokens, mask, index) = fn.external_source(
             source=source, num_outputs=8, batch=True, batch_info=True, parallel=workers > 0,
             # as deep as the pipeline's queue: DALI's default (1) keeps one of the workers busy at a time
             **({"prefetch_queue_depth": prefetch} if workers > 0 else {}),
-            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT, types.INT32, types.INT64,
+            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT, types.INT32, types.BOOL,
                    types.INT64])
         images = dali_view(jpegs, start, shape, flip, mats, size, interp, "gpu" if gpu else "cpu",
                            normalize, dtype, hw_decoder_load)
-        mask = fn.cast(dali_mask_op(spec, key), dtype=types.BOOL)
         if gpu:
             tokens, mask = tokens.gpu(), mask.gpu()
         return images, tokens, mask, index
@@ -113,14 +120,15 @@ class DaliLoader:
         """Micro-batches from optimizer step `start_step` on, across epochs, without end."""
         from nvidia.dali.backend import TensorListGPU
 
-        from beitfast.data.loader import pipeline_args, render_error
+        from beitfast.data.render import pipeline_args, render_error
 
         self.sampler.start_step = start_step
         args = pipeline_args(self.cfg, self.view)
         prefetch = max(2, self.cfg.data.prefetch)
-        source = CacheSource(self.cache.path, self.sampler, self.cfg.train.seed, self.cfg.mask.seed)
+        source = CacheSource(self.cache.path, self.sampler, self.cfg.train.seed,
+                             MaskSpec.from_config(self.cfg.mask, self.grid), self.cfg.mask.seed)
         gpu = self.device.type == "cuda"
-        pipe = training_pipeline(source, MaskSpec.from_config(self.cfg.mask, self.grid), batch=self.sampler.batch,
+        pipe = training_pipeline(source, batch=self.sampler.batch,
                                  gpu=gpu, device_id=self.device.index or 0, threads=self.threads,
                                  workers=self.workers, prefetch=prefetch, hw_decoder_load=self.cfg.data.hw_decoder_load,
                                  **args)

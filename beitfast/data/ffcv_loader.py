@@ -397,7 +397,7 @@ class FfcvLoader:
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-        from beitfast.data.loader import image_dtype, render_args
+        from beitfast.data.render import image_dtype, render_args
         from beitfast.masking import MaskSpec, ffcv_mask_op
 
         k, hw = self.cache.views_per_image, self.grid * self.grid
@@ -424,7 +424,7 @@ class FfcvLoader:
         return loader
 
     def stream(self, start_step: int = 0):
-        from beitfast.data.loader import render_error
+        from beitfast.data.render import render_error
 
         self.sampler.start_step = start_step
         loader = self._loader()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from beitfast.data.cache import TokenCache
-from beitfast.data.loader import image_dtype, render_args
+from beitfast.data.render import image_dtype, render_args
 from beitfast.data.sampler import Counting, StepSampler
 from beitfast.data.views import pick_view, reference_view
 from beitfast.masking import MaskGenerator, MaskSpec
