@@ -30,16 +30,43 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- sections
+# Field groups the three trainers' sections share (pretraining, fine-tuning, segmentation):
+# the same keys, types and meaning in each; a section that needs another default re-declares
+# the field. What differs between the trainers stays in their own sections.
 @dataclass
-class ModelConfig:
+class EncoderFields:
+    """The ViT encoder's shape (model.*)."""
     size: Literal["micro", "tiny", "small", "base", "large"] = "base"
     img_size: int = 224
     patch_size: int = 16
-    vocab_size: int = 8192
     drop_path: float = 0.1
     layer_scale_init: Optional[float] = None  # None: the size's default (0.1 base, 1e-5 large)
-    rel_pos_bias: Literal["shared", "per_block", "none"] = "shared"
     abs_pos_emb: bool = False
+
+
+@dataclass
+class RunFields:
+    """How a trainer runs on its device (train.*)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on Ampere+, fp16 on V100, fp32 on CPU
+    self_check: bool = True  # check the fast paths against their twins on this device before step 1
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    stop_at: int = 0  # exit after the checkpoint at this step, as if the job were killed (resume tests; 0: off)
+
+
+@dataclass
+class LogFields:
+    """Where a trainer writes and how often it reports (log.*)."""
+    out_dir: str = "runs/default"
+    every: int = 50  # steps between host syncs for metrics
+    ckpt_every_minutes: float = 0.0  # also a checkpoint when this much wall time has passed (0: off; beitfast/preempt.py)
+    progress: bool = True
+
+
+@dataclass
+class ModelConfig(EncoderFields):
+    vocab_size: int = 8192
+    rel_pos_bias: Literal["shared", "per_block", "none"] = "shared"
     attention: Literal["sdpa", "flex"] = "sdpa"
     kernels: Literal["auto", "apex", "triton", "torch"] = "auto"
     # tokens: predict the masked patches' visual tokens (BEiT); pixels: regress their pixels
@@ -107,28 +134,19 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunFields):
     epochs: int = 800
     global_batch: int = 2048
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on Ampere+, fp16 on V100, fp32 on CPU
     compile: bool = False
-    self_check: bool = True  # check the fast paths against their twins on this device before step 1
-    seed: int = 0
-    device: Literal["auto", "cuda", "cpu"] = "auto"
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
-    stop_at: int = 0  # exit after the checkpoint at this step, as if the job were killed (resume tests; 0: off)
     allow_world_change: bool = False  # resume a checkpoint of another world size (per-rank RNG streams reseeded)
     sync_each_step: bool = False  # read the loss on the host every step, as the reference does (benchmarks)
     find_unused_parameters: bool = False  # DDP's flag; the reference sets it (benchmarks)
 
 
 @dataclass
-class LogConfig:
-    out_dir: str = "runs/default"
-    every: int = 50  # steps between host syncs for metrics
+class LogConfig(LogFields):
     ckpt_every_epochs: int = 20
-    ckpt_every_minutes: float = 0.0  # also a checkpoint when this much wall time has passed (0: off; beitfast/preempt.py)
-    progress: bool = True
     tensorboard: bool = False  # also write TensorBoard event files next to metrics.jsonl
     profile_steps: int = 0  # >0: profile this many steps (after 3 warm-up steps) into <out>/profile/
     mim_eval: str = ""  # name:DIR,... token caches scored on fixed views into <out>/mim_eval.jsonl (beitfast/mim_eval.py)
@@ -254,13 +272,7 @@ class DVAEConfig(Sections):
 
 # --------------------------------------------------------------------------- fine-tuning
 @dataclass
-class FTModelConfig:
-    size: Literal["micro", "tiny", "small", "base", "large"] = "base"
-    img_size: int = 224
-    patch_size: int = 16
-    drop_path: float = 0.1
-    layer_scale_init: Optional[float] = None  # None: the size's default (0.1 base, 1e-5 large)
-    abs_pos_emb: bool = False
+class FTModelConfig(EncoderFields):
     # a pretraining checkpoint of ours, the reference's (same key names), timm weights
     # (.pth / .safetensors), or "" for a randomly initialised encoder
     pretrained: str = ""
@@ -303,24 +315,16 @@ class FTOptimConfig:
 
 
 @dataclass
-class FTTrainConfig:
+class FTTrainConfig(RunFields):
     epochs: int = 100
     global_batch: int = 1024
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on Ampere+, fp16 on V100, fp32 on CPU
-    self_check: bool = True  # check the fast paths against their twins on this device before step 1
-    seed: int = 0
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    stop_at: int = 0  # exit after the checkpoint at this step, as if killed (resume tests; 0: off)
     eval_every_epochs: int = 1
 
 
 @dataclass
-class FTLogConfig:
+class FTLogConfig(LogFields):
     out_dir: str = "runs/finetune"
-    every: int = 50
     ckpt_every_epochs: int = 1
-    ckpt_every_minutes: float = 0.0  # also a checkpoint when this much wall time has passed (0: off)
-    progress: bool = True
 
 
 @dataclass
@@ -351,13 +355,8 @@ class FinetuneConfig(Sections):
 
 # --------------------------------------------------------------------------- segmentation
 @dataclass
-class SegModelConfig:
-    size: Literal["micro", "tiny", "small", "base", "large"] = "base"
+class SegModelConfig(EncoderFields):
     img_size: int = 512  # the crop the model is built for (rel-pos tables interpolated to it)
-    patch_size: int = 16
-    drop_path: float = 0.1
-    layer_scale_init: Optional[float] = None
-    abs_pos_emb: bool = False
     pretrained: str = ""  # as finetune's model.pretrained; "" = random init
     head: Literal["upernet", "setr_pup"] = "upernet"
     channels: int = 768  # decode head width (UperNet 768 in the reference's BEiT-B config; PUP 256)
@@ -394,25 +393,17 @@ class SegOptimConfig:
 
 
 @dataclass
-class SegTrainConfig:
+class SegTrainConfig(RunFields):  # train.stop_at counts iterations
     iters: int = 160_000
     global_batch: int = 16
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on Ampere+, fp16 on V100, fp32 on CPU
-    self_check: bool = True  # check the fast paths against their twins on this device before step 1
-    seed: int = 0
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    stop_at: int = 0  # exit after the checkpoint at this iteration (resume tests; 0: off)
     eval_every: int = 16_000
     stride: int = 341  # slide inference: window = model.img_size, this stride
 
 
 @dataclass
-class SegLogConfig:
+class SegLogConfig(LogFields):
     out_dir: str = "runs/seg"
-    every: int = 50
     ckpt_every: int = 4000
-    ckpt_every_minutes: float = 0.0  # also a checkpoint when this much wall time has passed (0: off)
-    progress: bool = True
 
 
 @dataclass
