@@ -162,7 +162,6 @@ def draw_cached_views(cache_dir: Path, tok_path: Path, png: Path, n_images: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
-    import torch.nn.functional as F
 
     from beitfast.data.cache import TokenCache
     from beitfast.data.images import decode_rgb

@@ -23,7 +23,6 @@ masked tokens it got right per image goes to `<out>/predictions.json`. With the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

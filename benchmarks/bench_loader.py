@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
         torch.manual_seed(0)
         torch.save(DVAE(DVAEArch(vocab_size=512, n_hid=16, n_init=16, n_blk_per_group=1, downsample=8)).export(112),
                    tmp / "tok.pt")
-        over = [f"tokenizer.kind=dvae", f"tokenizer.path={tmp / 'tok.pt'}", "model.vocab_size=512", "data.views=2",
+        over = ["tokenizer.kind=dvae", f"tokenizer.path={tmp / 'tok.pt'}", "model.vocab_size=512", "data.views=2",
                 f"data.cache={tmp / 'cache'}", f"data.batch_size={batch}", "data.workers=0",
                 "model.size=tiny" if not cuda else "model.size=base", "train.compile=false",
                 "train.precision=bf16" if cuda else "train.precision=fp32"]

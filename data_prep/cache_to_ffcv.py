@@ -14,7 +14,6 @@ came from (the loader refuses a .beton of another cache).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
