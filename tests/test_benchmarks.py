@@ -8,6 +8,10 @@ import pytest
 
 from tests.conftest import ROOT, ffcv_skip_reason
 
+# with pytest-xdist (make test runs -n 2): the tests that read the GPU check's dry run share one
+# worker, so the dry run (a session fixture) runs once
+pytestmark = pytest.mark.xdist_group("gpu_check")
+
 
 STAGE = {"bench_masking.py": "masking", "bench_tokenizer.py": "tokenizer", "bench_loader.py": "dali_loader",
          "bench_train.py": "train", "bench_kernels.py": "kernels", "bench_model.py": "model"}

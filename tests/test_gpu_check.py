@@ -12,6 +12,10 @@ import pytest
 
 from tests.conftest import ROOT
 
+# with pytest-xdist (make test runs -n 2): the tests that read the GPU check's dry run share one
+# worker, so the dry run (a session fixture) runs once
+pytestmark = pytest.mark.xdist_group("gpu_check")
+
 STAGES = ["doctor", "model", "gpu_tests", "dali_loader", "train", "tokenizer", "kernels", "masking", "finetune",
           "segment"]
 

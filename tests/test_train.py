@@ -15,7 +15,9 @@ from tests.conftest import ROOT, VOCAB
 
 def _args(cache, out, *extra):
     path, over = cache
-    return ["--cfg", "tiny.yaml", f"data.cache={path}", f"log.out_dir={out}",
+    # the micro model (4 blocks of width 96): the driver's machinery is what these tests check,
+    # at a twelfth of the tiny model's step
+    return ["--cfg", "tiny.yaml", f"data.cache={path}", f"log.out_dir={out}", "model.size=micro",
             "data.batch_size=8", "train.global_batch=8", "train.epochs=2", "log.every=2", "log.progress=false", "optim.warmup_epochs=0.5",
             *over, *extra]
 
