@@ -11,6 +11,17 @@ if not torch.cuda.is_available():  # kernels run in Triton's interpreter; on a G
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# make test runs two pytest-xdist workers that take whole files (--dist loadfile): the longest
+# files go first, so that neither worker is left with a long one at the end
+LONGEST_FIRST = ["test_gpu_check.py", "test_train.py", "test_train_distributed.py", "test_token_cache.py",
+                 "test_loaders.py", "test_tokenizers.py", "test_selfcheck.py", "test_ablate.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: file and test order kept otherwise
+
+
 def ffcv_skip_reason() -> str | None:
     """Why FFCV is unavailable (written by scripts/setup_env.sh), or None."""
     from beitfast.data.ffcv_loader import ffcv_unavailable
@@ -136,3 +147,14 @@ def sigterm_when_logged(log: Path, timeout: float = 300.0):
     t = threading.Thread(target=wait, daemon=True)
     t.start()
     return t
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_28(cache, tmp_path_factory):
+    """28 fp32 pretraining steps that never stopped: the weights every resume test must reach."""
+    from tests.trainrun import P28, train
+
+    out = tmp_path_factory.mktemp("a28")
+    r = train(cache, out, *P28)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from beitfast.data.resample import jitter_into
 
 # One view's parameters. order[i] is the op applied i-th: 0 brightness, 1 contrast, 2 saturation.
 # pivot: the contrast op's grey level (0..255) on the whole image, as the reference computes it.
@@ -203,16 +204,44 @@ def reference_view(img, view, size: int, interp: str):
 INTERP = ("lanczos", "cubic")  # the tokenizer view, the ViT view
 
 
-def dali_jitter(img, mats):
-    """The view's jitter slots in order, each out = floor(clamp(M @ rgb + T, 0, 255)), as three
-    coord_transform ops on DALI nodes (CPU or GPU): DALI rounds half away from zero, so T - 0.5
-    turns its rounding into Pillow's rounding down; equal to resample.jitter_into, the FFCV
-    backend's Numba pass (tested on CPU)."""
+def _jitter_setup(outs, ins):
+    for i in range(len(outs[0])):
+        for d in range(3):
+            outs[0][i][d] = ins[0][i][d]
+
+
+def _jitter_run(out, img, m):
+    """DALI's per-sample Numba body: resample.jitter_into (uint8 HWC, m (3, 3, 4))."""
+    jitter_into(out, img, m)
+
+
+def coord_jitter(img, mats):
+    """The jitter slots as three coord_transform ops (the GPU graph's; they run on CPU nodes
+    too, which is how the tests check them): DALI rounds half away from zero, so T - 0.5 turns
+    its rounding into Pillow's rounding down; float arithmetic lands 1 above the integer
+    tables at rare exact ties (under 1% of pixels, tested)."""
     from nvidia.dali import fn, types
 
     for s in range(3):
         img = fn.coord_transform(img, M=mats[s, :, 0:3], T=mats[s, :, 3] - 0.5, dtype=types.UINT8)
     return img
+
+
+def dali_jitter(img, mats, device: str):
+    """The view's jitter slots in order, each out = floor(clamp(M @ rgb + T, 0, 255)), on DALI
+    nodes. CPU: one Numba pass for the three slots (resample.jitter_into: tables for
+    brightness and contrast, one 3x3 map for saturation), exactly the FFCV backend's and the
+    tokenizer views' pixels; DALI compiles this operator each time a pipeline is built (about
+    3.5 s on the 2-core VM). GPU: coord_jitter."""
+    from nvidia.dali import types
+
+    if device == "cpu":
+        from nvidia.dali.plugin.numba.fn.experimental import numba_function
+
+        return numba_function(img, mats, run_fn=_jitter_run, setup_fn=_jitter_setup, out_types=[types.UINT8],
+                              in_types=[types.UINT8, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 3],
+                              batch_processing=False)
+    return coord_jitter(img, mats)
 
 
 def dali_view(jpegs, start, shape, flip, mats, size: int, interp: str, device: str, normalize=None, dtype=None,
@@ -234,7 +263,7 @@ def dali_view(jpegs, start, shape, flip, mats, size: int, interp: str, device: s
                                   **({"jpeg_fancy_upsampling": True, "hw_decoder_load": hw_decoder_load} if gpu else {}))
     # the jitter on the decoded crop, before resampling: per-pixel maps on the very pixels the
     # reference jitters (its whole image restricted to the box), so they clamp where its clamp
-    img = dali_jitter(img, mats)
+    img = dali_jitter(img, mats, device)
     img = fn.resize(img, size=[size, size], antialias=True,
                     interp_type={"lanczos": types.INTERP_LANCZOS3, "cubic": types.INTERP_CUBIC}[interp])
     if normalize is None:
