@@ -7,8 +7,6 @@ HASH   := $(shell cat requirements/*.txt pyproject.toml scripts/setup_env.sh | s
 STAMP  := $(VENV)/.installed-$(HASH)
 DEMO   ?= runs/demo
 PYTEST_ARGS ?=
-# pytest-xdist workers, each taking whole test files (tests/conftest.py puts the longest first)
-PYTEST_WORKERS ?= 2
 
 .PHONY: demo test env bench clean-demo
 env: $(STAMP)
@@ -20,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m beitfast.demo --out $(DEMO)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_masking.py

@@ -11,17 +11,6 @@ if not torch.cuda.is_available():  # kernels run in Triton's interpreter; on a G
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# make test runs two pytest-xdist workers that take whole files (--dist loadfile): the longest
-# files go first, so that neither worker is left with a long one at the end
-LONGEST_FIRST = ["test_gpu_check.py", "test_train.py", "test_train_distributed.py", "test_token_cache.py",
-                 "test_loaders.py", "test_tokenizers.py", "test_selfcheck.py", "test_ablate.py"]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: file and test order kept otherwise
-
-
 def ffcv_skip_reason() -> str | None:
     """Why FFCV is unavailable (written by scripts/setup_env.sh), or None."""
     from beitfast.data.ffcv_loader import ffcv_unavailable

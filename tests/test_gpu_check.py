@@ -5,8 +5,7 @@ Then scripts/gpu_results.sh files it. --budget skips what no longer fits and say
 
 And each benchmark's tiny mode runs, so the scripts cannot rot; figures are not asserted beyond
 being present and positive (speed is a benchmark's business, not a test's); the stages'
-figures are read off the one dry run. Every reader of the dry run is in this file, so that
-`make test`'s workers (pytest-xdist, --dist loadfile) run it once."""
+figures are read off the one dry run (a session fixture), which runs once in the suite."""
 import json
 import os
 import subprocess

@@ -1,7 +1,6 @@
 """The pretraining driver across processes and nodes, and when it is stopped: DDP and gradient
 accumulation against one process, two torchrun 'nodes' under the c10d rendezvous, the SLURM
-script, SIGTERM and a torchrun restart resuming bitwise (split from test_train.py so that
-make test's two workers share the driver's tests)."""
+script, SIGTERM and a torchrun restart resuming bitwise."""
 import json
 import os
 import signal
