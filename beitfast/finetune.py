@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from beitfast import preempt, selfcheck  # noqa: E402
+from beitfast import selfcheck  # noqa: E402
 from beitfast.config import ConfigError, FinetuneConfig  # noqa: E402
 from beitfast.data.images import list_imagefolder, read_decodable  # noqa: E402
 from beitfast.data.sampler import Counting, StepSampler  # noqa: E402
 from beitfast.distributed import trainer_main  # noqa: E402
 from beitfast.model import SIZES  # noqa: E402
-from beitfast.runlog import atomic_save, reset_metrics, resume_job  # noqa: E402
-from beitfast.steploop import accumulation, autocast, train_steps  # noqa: E402
+from beitfast.runlog import atomic_save  # noqa: E402
+from beitfast.steploop import accumulation, autocast, resume_run, train_steps  # noqa: E402
 from beitfast.train import lr_at  # noqa: E402
 
 CKPT_FORMAT = "beitfast-finetune-ckpt/1"
@@ -336,19 +336,13 @@ def finetune(cfg: FinetuneConfig, world: int, rank: int, device: torch.device, o
     model, loaded, opt, scales, scaler = build_model(cfg, num_classes, rank, device)
     mixup, criterion = build_criterion(d, num_classes)
 
-    ck = resume_job(out / "ckpt.pt", CKPT_FORMAT, t.global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
-                    rank, world, device)
-    step, best = (ck["step"], ck.get("best")) if ck is not None else (0, None)
+    ck, step, net = resume_run(out, CKPT_FORMAT, t.global_batch, model, opt, scaler, rank, world, device, "step")
+    best = ck.get("best") if ck is not None else None
     if rank == 0:
         print(f"[{PROG}] resumed from {out / 'ckpt.pt'} at step {step} of {total}" if ck is not None else
               f"[{PROG}] {cfg.model.size} BEiT at {cfg.model.img_size} px, {num_classes} classes, "
               f"weights: {loaded['pretrained'] or 'random init'}; {len(files)} train / {len(vfiles)} val images, "
               f"{total} steps of {t.global_batch}")
-        reset_metrics(out / "metrics.jsonl", step)
-        preempt.clear(out)
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train_tf, val_tf = build_transforms(d, cfg.model.img_size)
     ds = TrainStream(d.root, files, labels, sampler, train_tf, t.seed)
     vds = EvalSet(d.root, vfiles, vlabels, val_tf, cfg.model.img_size)

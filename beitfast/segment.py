@@ -44,13 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from beitfast import preempt, selfcheck  # noqa: E402
+from beitfast import selfcheck  # noqa: E402
 from beitfast.config import ConfigError, SegConfig  # noqa: E402
 from beitfast.data.sampler import StepSampler  # noqa: E402
 from beitfast.distributed import trainer_main  # noqa: E402
 from beitfast.finetune import build_classifier, layer_id, load_pretrained, train_batches  # noqa: E402
-from beitfast.runlog import reset_metrics, resume_job  # noqa: E402
-from beitfast.steploop import accumulation, autocast, train_steps  # noqa: E402
+from beitfast.steploop import accumulation, autocast, resume_run, train_steps  # noqa: E402
 
 CKPT_FORMAT = "beitfast-seg-ckpt/1"
 PROG = "segment"
@@ -447,19 +446,13 @@ def segment(cfg: SegConfig, world: int, rank: int, device: torch.device, out: Pa
     if sampler.steps_per_epoch < 1:
         raise ConfigError(f"{d.root}/images/{d.train_split} has {len(pairs)} images, fewer than one global batch")
     model, loaded, opt, scales, scaler = build_model(cfg, world, rank, device)
-    ck = resume_job(out / "ckpt.pt", CKPT_FORMAT, t.global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
-                    rank, world, device)
-    it, best = (ck["iter"], ck.get("best")) if ck is not None else (0, None)
+    ck, it, net = resume_run(out, CKPT_FORMAT, t.global_batch, model, opt, scaler, rank, world, device, "iter")
+    best = ck.get("best") if ck is not None else None
     if rank == 0:
         print(f"[{PROG}] resumed from {out / 'ckpt.pt'} at iteration {it} of {t.iters}" if ck is not None else
               f"[{PROG}] {cfg.model.size} BEiT + {cfg.model.head} at {cfg.model.img_size} px, {d.num_classes} classes, "
               f"weights: {loaded['pretrained'] or 'random init'}; {len(pairs)} train / {len(vpairs)} val images, "
               f"{t.iters} iterations of {t.global_batch}")
-        reset_metrics(out / "metrics.jsonl", it)
-        preempt.clear(out)
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler.start_step = it
     ds = SegTrainStream(pairs, sampler, d, cfg.model.img_size, t.seed)
     amp = autocast(t.precision, device)

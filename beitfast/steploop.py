@@ -22,7 +22,7 @@ from beitfast import preempt
 from beitfast.config import ConfigError
 from beitfast.distributed import rng_states
 from beitfast.precision import amp_dtype
-from beitfast.runlog import atomic_save
+from beitfast.runlog import atomic_save, reset_metrics, resume_job
 
 
 def accumulation(global_batch: int, batch: int, world: int) -> int:
@@ -40,6 +40,23 @@ def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext
     return partial(torch.autocast, device.type, dtype=amp_dtype(precision))
+
+
+def resume_run(out: Path, fmt: str, global_batch: int, model: nn.Module, opt, scaler, rank: int, world: int,
+               device: torch.device, counter: str) -> tuple[dict | None, int, nn.Module]:
+    """(the checkpoint out/ckpt.pt resumed from or None, its `counter` (0 when new), the model to
+    step: DDP's wrapper when world > 1). Rank 0 cuts metrics.jsonl back to that step and takes a
+    preemption marker away."""
+    ck = resume_job(out / "ckpt.pt", fmt, global_batch, {"model": model, "optimizer": opt, "scaler": scaler},
+                    rank, world, device)
+    start = ck[counter] if ck is not None else 0
+    if rank == 0:
+        reset_metrics(out / "metrics.jsonl", start)
+        preempt.clear(out)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return ck, start, net
 
 
 class _Log:
