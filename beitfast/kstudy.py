@@ -105,12 +105,26 @@ def score(a, ckpt: str, run: Path, seed: int) -> dict:
     return row
 
 
+def provenance(tok: Path) -> dict:
+    """What a row's figures depend on beyond its arguments: the tokenizer's weights (retrained
+    in a fresh checkout) and the CPU (compiled code rounds float ties by instruction set)."""
+    import hashlib
+    import platform
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {"tokenizer_sha256": hashlib.sha256(Path(tok).read_bytes()).hexdigest()[:16],
+            "cpu": cpu, "avx512": " avx512f " in flags.replace("\n", " ")}
+
+
 def run_one(a, arm: str, epochs: int, seed: int, tok: Path) -> dict:
     from beitfast.train import main as train
 
     run = a.out / "runs" / f"{arm}_e{epochs}_s{seed}"
     t0 = time.time()
-    row = {"arm": arm, "k": ARMS.get(arm), "epochs": epochs, "seed": seed, "ft_epochs": a.ft_epochs}
+    row = {"arm": arm, "k": ARMS.get(arm), "epochs": epochs, "seed": seed, "ft_epochs": a.ft_epochs,
+           **provenance(tok)}
     if arm == "random_init":
         return {**row, **score(a, "", run, seed), "seconds": round(time.time() - t0, 1)}
     caches = a.out / "caches"
@@ -250,6 +264,12 @@ def main(argv=None) -> int:
         return 2
     results = a.out / "results.jsonl"
     rows = [r for r in _rows(results) if r.get("ft_epochs") == a.ft_epochs]
+    if tok is not None:  # rows of another tokenizer are kept in the file but neither reused nor reported
+        sha = provenance(tok)["tokenizer_sha256"]
+        other = [r for r in rows if r.get("tokenizer_sha256", sha) != sha]
+        if other:
+            print(f"[kstudy] {len(other)} finished run(s) in {results} used another tokenizer; they run again")
+        rows = [r for r in rows if r.get("tokenizer_sha256", sha) == sha]
     done = {(r["arm"], r["epochs"], r["seed"]) for r in rows}
     # seed by seed, short schedule first: the first hours give every arm at every schedule
     todo = [(arm, 0 if arm == "random_init" else e, s) for s in a.seeds for e in sorted(a.epochs) for arm in a.arms
