@@ -111,11 +111,12 @@ def provenance(tok: Path) -> dict:
     import hashlib
     import platform
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = info.splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
     return {"tokenizer_sha256": hashlib.sha256(Path(tok).read_bytes()).hexdigest()[:16],
-            "cpu": cpu, "avx512": " avx512f " in flags.replace("\n", " ")}
+            "cpu": cpu, "avx512": "avx512f" in flags}
 
 
 def run_one(a, arm: str, epochs: int, seed: int, tok: Path) -> dict:

@@ -86,7 +86,7 @@ def train_steps(*, prog: str, unit: str, out: Path, rank: int, world: int, devic
                 report_due: Callable[[int], bool], eval_due: Callable[[int], bool], ckpt_due: Callable[[int], bool],
                 evaluate: Callable[[int], tuple[dict, str]], checkpoint: Callable[[int, list], dict],
                 train_row: Callable[[int], dict] = lambda step: {}, prepare: Callable | None = None,
-                clip_grad: float = 0.0, log_every: int = 10, ckpt_every_minutes: float = 0.0,
+                clip_grad: float = 0.0, ckpt_every_minutes: float = 0.0,
                 progress: bool = True) -> tuple[int, bool]:
     """Steps `start` .. `total` (or `stop_at`, when set). A step: lr = lr_at(step) x the group's
     scale; `accum` micro-batches x, y = next(batches), (x, y) = prepare(x, y, step, micro) outside

@@ -12,10 +12,10 @@ The graph, top to bottom (`training_pipeline`):
                          fp32 otherwise), CHW
     .gpu()               tokens and masks join the images on the GPU
 
-No operator of the graph is compiled when it is built: DALI's Numba operators compile a
-C callback each time a pipeline is made (about 4 s an operator on this project's CPUs, for
-every rank of every run), so the masks come with the source and the jitter is DALI's own
-coord_transform on both devices.
+The masks come with the source, not from a DALI Numba operator: DALI compiles such an
+operator's C callback each time a pipeline is made (about 4 s an operator on this project's
+CPUs, for every rank of every run). The CPU graph's jitter is still one (views.dali_jitter:
+its pixels are the FFCV backend's); the GPU graph's is coord_transform ops, nothing compiled.
 
 Executed asynchronously and pipelined (`exec_async`, `exec_pipelined`) with a prefetch queue
 of `data.prefetch` (>= 2) batches. DALI 2.4 then runs its dynamic executor, whose outputs are

@@ -218,7 +218,7 @@ def _jitter_run(out, img, m):
 def coord_jitter(img, mats):
     """The jitter slots as three coord_transform ops (the GPU graph's; they run on CPU nodes
     too, which is how the tests check them): DALI rounds half away from zero, so T - 0.5 turns
-    its rounding into Pillow's rounding down; float arithmetic lands 1 above the integer
+    its rounding into Pillow's rounding down; float arithmetic lands 1 apart from the integer
     tables at rare exact ties (under 1% of pixels, tested)."""
     from nvidia.dali import fn, types
 
@@ -230,9 +230,9 @@ def coord_jitter(img, mats):
 def dali_jitter(img, mats, device: str):
     """The view's jitter slots in order, each out = floor(clamp(M @ rgb + T, 0, 255)), on DALI
     nodes. CPU: one Numba pass for the three slots (resample.jitter_into: tables for
-    brightness and contrast, one 3x3 map for saturation), exactly the FFCV backend's and the
-    tokenizer views' pixels; DALI compiles this operator each time a pipeline is built (about
-    3.5 s on the 2-core VM). GPU: coord_jitter."""
+    brightness and contrast, one 3x3 map for saturation), the FFCV backend's pass (DALI's own
+    compile of it can land a float tie 1 apart, tested); DALI compiles this operator each time
+    a pipeline is built (about 3.5 s on the 2-core VM). GPU: coord_jitter."""
     from nvidia.dali import types
 
     if device == "cpu":
