@@ -51,18 +51,32 @@ def test_study_runs_arms_probes_memorisation_and_resumes(study, small_toy, capsy
         sides.append(max(im.size))
     assert sides and max(sides) <= 48
     capsys.readouterr()
-    assert main([*args, "--arms", "k1", "k2", "random_init"]) == 0  # only k2 is new
+    assert "cache_seconds" in by["k1"] and by["k1"]["cache_seconds"] >= 0 and "cache_seconds" not in by["online"]
+    assert not (d / "ks" / "kstudy_headline.md").exists()  # no reference arm yet: no headline
+    assert main([*args, "--arms", "k1", "k2", "reference", "random_init", "--headline", "k1"]) == 0  # k2, reference new
     out = capsys.readouterr().out
     assert "[kstudy] k2, 2 epochs, seed 0" in out and "[kstudy] k1, 2 epochs" not in out
     summary = json.loads(out.strip().splitlines()[-1])
-    assert set(summary) == {"k1_e2", "online_e2", "k2_e2", "random_init_e0"}  # the report holds every finished run
+    # the report holds every finished run, and the headline: the original recipe against K = 1
+    assert set(summary) == {"k1_e2", "online_e2", "k2_e2", "reference_e2", "random_init_e0", "headline"}
+    head = summary["headline"]
+    assert set(head) == {"reference_e2", "k1_e2", "speedup_e2"} and head["k1_e2"]["seeds"] == [0]
+    ref = [json.loads(x) for x in (d / "ks" / "results.jsonl").read_text().splitlines()][-1]
+    assert ref["arm"] == "reference" and ref["steps"] == by["online"]["steps"]  # equal steps to the online arm
+    assert head["reference_e2"]["seconds"] == ref["pretrain_seconds"]
+    assert head["speedup_e2"] == pytest.approx(ref["pretrain_seconds"] / (by["k1"]["pretrain_seconds"]
+                                                                          + by["k1"]["cache_seconds"]), abs=1e-3)
     capsys.readouterr()
-    assert main([*args, "--arms", "k4", "--report", "--publish", str(d / "docs")]) == 0  # the report only: k4 not run
+    assert main([*args, "--arms", "k4", "--report", "--headline", "k1", "--publish", str(d / "docs")]) == 0  # k4 not run
     out = capsys.readouterr().out
     assert "[kstudy] k4" not in out and set(json.loads(out.strip().splitlines()[-1])) == set(summary)
-    assert sorted(p.name for p in (d / "docs").iterdir()) == ["kstudy.md", "kstudy.png", "kstudy_results.jsonl"]
+    assert sorted(p.name for p in (d / "docs").iterdir()) == ["kstudy.md", "kstudy.png", "kstudy_headline.md",
+                                                               "kstudy_results.jsonl"]
     table = (d / "ks" / "kstudy.md").read_text()
-    assert "| 2 | k2 | 2 | 1 |" in table and "random_init" in table and (d / "ks" / "kstudy.png").stat().st_size > 0
+    assert "| 2 | k2 | 2 | 1 |" in table and "| 2 | reference | fresh | 1 |" in table and "random_init" in table
+    assert (d / "ks" / "kstudy.png").stat().st_size > 0
+    lines = (d / "ks" / "kstudy_headline.md").read_text().splitlines()
+    assert lines[2].startswith("| 2 | original recipe | 1 |") and lines[3].startswith("| 2 | beitfast (K = 1) | 1 |")
 
 
 def test_memorisation_probe_is_a_pure_read_and_refuses_other_images(study, tmp_path):
