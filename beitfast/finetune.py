@@ -10,8 +10,10 @@ weights are timm's: `ckpt.pt['model']` and `best.pt['state_dict']` load into
 `timm.create_model("beit_base_patch16_224", checkpoint_path=...)` as they are.
 `model.pretrained` takes our pretraining checkpoints and the reference's (the shared table
 is copied into every block; mask token, LM head and final norm are dropped), or timm /
-reference fine-tuned weights (.pth, .safetensors); a table of another grid (224 -> 384 px)
-is resampled with timm's `resize_rel_pos_bias_table`, the reference's interpolation.
+reference fine-tuned weights (.pth, .safetensors); a table of another grid (224 -> 384 px,
+224 -> 512 for segmentation) is resampled as the reference does it (`resample_rel_pos_table`:
+a cubic spline per head over geometrically spaced source offsets). timm's own resampling is
+linear over those offsets unless scipy's removed `interp2d` is asked for, so it is not used.
 
 Recipe: timm's RandAugment, random erasing, Mixup/CutMix with label smoothing and
 SoftTargetCrossEntropy; AdamW with layer-wise lr decay (scale decay^(L+1-i): i = 0 for the
@@ -94,6 +96,66 @@ def read_weights(path: str) -> dict:
     return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
+def _geometric_offsets(src: int, dst: int) -> np.ndarray:
+    """The reference's source coordinates for a table of side `src` stretched to side `dst`:
+    offsets 1, 1 + q, 1 + q + q^2, ... either side of 0, q found by bisection so that they
+    reach dst // 2."""
+    lo, hi = 1.01, 1.5
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2
+        if (1 - q ** (src // 2)) / (1 - q) > dst // 2:
+            hi = q
+        else:
+            lo = q
+    dis = np.cumsum([1.0] + [q ** (i + 1) for i in range(src // 2 - 1)])
+    return np.concatenate((-dis[::-1], [0.0], dis))
+
+
+def _cubic_spline_matrix(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(len(t), len(x)): values at `t` of the not-a-knot cubic spline through (x, y), as a
+    linear map of y (what FITPACK's interpolating spline, s = 0, is; the reference's
+    scipy `interp2d(kind='cubic')` fits it along each axis of its grid)."""
+    n = len(x)
+    if n < 4:
+        raise ValueError(f"a cubic spline needs 4 points, got {n}")
+    h = np.diff(x)
+    a, b = np.zeros((n, n)), np.zeros((n, n))  # a @ M = b @ y for the second derivatives M
+    a[0, :3] = [h[1], -(h[0] + h[1]), h[0]]  # not-a-knot: the third derivative continuous at x[1]
+    a[-1, -3:] = [h[-1], -(h[-2] + h[-1]), h[-2]]  # and at x[-2]
+    for i in range(1, n - 1):
+        a[i, i - 1:i + 2] = [h[i - 1], 2 * (h[i - 1] + h[i]), h[i]]
+        b[i, i - 1:i + 2] = [6 / h[i - 1], -6 / h[i - 1] - 6 / h[i], 6 / h[i]]
+    m = np.linalg.solve(a, b)  # M = m @ y
+    t = np.clip(t, x[0], x[-1])  # outside the points: the end value (FITPACK clamps its argument so)
+    i = np.clip(np.searchsorted(x, t, side="right") - 1, 0, n - 2)
+    hi, u, v = h[i], x[i + 1] - t, t - x[i]
+    eye = np.eye(n)
+    w = (m[i] * (u ** 3 / (6 * hi) - hi * u / 6)[:, None] + m[i + 1] * (v ** 3 / (6 * hi) - hi * v / 6)[:, None]
+         + eye[i] * (u / hi)[:, None] + eye[i + 1] * (v / hi)[:, None])
+    return w
+
+
+def resample_rel_pos_table(table: torch.Tensor, dst_window: int, extra: int = 3) -> torch.Tensor:
+    """A relative-position bias table ((2S-1)^2 + extra, heads) of a square window S resampled to
+    window `dst_window`, as the reference's fine-tuning and segmentation code do: per head, a
+    bicubic (not-a-knot) spline through the table at geometrically spaced offsets, read at the
+    integer offsets of the new window; the `extra` rows (cls-token terms) kept as they are."""
+    n_src, heads = table.shape[0] - extra, table.shape[1]
+    src = round(n_src ** 0.5)
+    if src * src != n_src or src % 2 == 0:
+        raise ValueError(f"a relative-position table of {table.shape[0]} rows is not a square window's "
+                         f"(2S-1)^2 + {extra}")
+    dst = 2 * dst_window - 1
+    if src == dst:
+        return table
+    x = _geometric_offsets(src, dst)
+    t = np.arange(-(dst // 2), dst // 2 + 0.1, 1.0)
+    w = torch.from_numpy(_cubic_spline_matrix(x, t))
+    z = table[:n_src].double().reshape(src, src, heads).permute(2, 0, 1)  # (heads, dy, dx)
+    out = (w @ z @ w.T).permute(1, 2, 0).reshape(dst * dst, heads)
+    return torch.cat((out.to(table.dtype), table[n_src:]), dim=0)
+
+
 def pretrained_to_timm(sd: dict, model: nn.Module) -> tuple[dict, list[str]]:
     """Map a pretraining (ours / the reference's) or timm state dict onto `model`'s names and
     shapes. Returns (state dict, what was dropped)."""
@@ -114,6 +176,12 @@ def pretrained_to_timm(sd: dict, model: nn.Module) -> tuple[dict, list[str]]:
         if pretrain_only or head_mismatch or pruned or k.endswith("relative_position_index"):
             dropped.append(k)
             del sd[k]
+        elif k.endswith("relative_position_bias_table") and k in own and own[k].shape != sd[k].shape \
+                and model.patch_embed.grid_size[0] == model.patch_embed.grid_size[1]:  # non-square: timm's
+            try:  # resampled here, the reference's way; timm's filter then finds the shapes equal
+                sd[k] = resample_rel_pos_table(sd[k], model.patch_embed.grid_size[0])
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}") from None
     return checkpoint_filter_fn(sd, model), dropped
 
 

@@ -112,6 +112,56 @@ def test_larger_input_interpolates_the_relative_position_tables(tmp_path):
     assert model(torch.randn(2, 3, 128, 128)).shape == (2, 5)
 
 
+def _reference_resample(table, src, dst):
+    """The reference's resampling (unilm beit, run_class_finetuning.py) with scipy's spline in
+    place of the removed interp2d(kind='cubic'): RectBivariateSpline(s=0) is the same FITPACK
+    interpolating bicubic spline on a grid."""
+    import numpy as np
+    from scipy.interpolate import RectBivariateSpline
+
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if 1 * (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    x = np.array([-d for d in reversed(dis)] + [0] + dis)
+    t = np.arange(-(dst // 2), dst // 2 + 0.1, 1.0)
+    heads = []
+    for i in range(table.shape[1]):
+        z = table[:-3, i].reshape(src, src).double().numpy()
+        heads.append(torch.from_numpy(RectBivariateSpline(x, x, z, kx=3, ky=3, s=0)(t, t)).reshape(-1, 1))
+    return torch.cat((torch.cat(heads, dim=1).float(), table[-3:]), dim=0)
+
+
+@pytest.mark.parametrize("src_window,dst_window", [(14, 24), (14, 32), (8, 12), (8, 5)])
+def test_rel_pos_resampling_is_the_references_cubic_spline(src_window, dst_window):
+    """224 -> 384 (14 -> 24), 224 -> 512 segmentation (14 -> 32), the tests' 64 -> 96 px and a
+    smaller window: every head's resampled table equals the reference's spline on fresh random
+    tables; an equal window is the identity."""
+    from beitfast.finetune import resample_rel_pos_table
+
+    src, dst = 2 * src_window - 1, 2 * dst_window - 1
+    torch.manual_seed(int(torch.randint(1 << 30, (1,))))
+    table = torch.randn(src * src + 3, 4)
+    got = resample_rel_pos_table(table, dst_window)
+    assert got.shape == (dst * dst + 3, 4) and torch.equal(got[-3:], table[-3:])
+    torch.testing.assert_close(got, _reference_resample(table, src, dst), rtol=1e-4, atol=1e-4)
+    assert resample_rel_pos_table(table, src_window) is table
+    if dst > src:  # not timm's linear default: the two differ on a random table
+        from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
+
+        lin = resize_rel_pos_bias_table(table, (dst_window, dst_window), (dst * dst + 3, 4))
+        assert (lin - got).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="not a square window"):
+        resample_rel_pos_table(torch.randn(50, 4), 4)
+
+
 def test_bad_weights_are_clear_errors(tmp_path):
     model = build_classifier(ft_cfg().model, 5)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")

@@ -182,3 +182,37 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "expected the ADE20K layout" in capsys.readouterr().err
     assert main(["--cfg", "seg_tiny.yaml", "model.out_indices=[3, 5, 7, 12]"]) == 2
     assert "model.out_indices" in capsys.readouterr().err
+
+
+def test_backbone_blocks_equal_the_pretrained_encoder_at_the_pretraining_size(tmp_path):
+    """Loading a pretraining checkpoint into the segmentation backbone (timm's naming, the
+    shared relative-position table copied into every block, the pruning of the blocks after the
+    last chosen one, a rel-pos resampling at an equal size) changes no block's output: the
+    backbone's maps are the encoder's patch tokens after blocks `out_indices`."""
+    from beitfast.model import Beit, BeitArgs
+
+    cfg = load_config("tiny", [])
+    torch.manual_seed(int(torch.randint(1 << 30, (1,))))
+    enc = Beit(BeitArgs.from_config(cfg.model)).eval()
+    with torch.no_grad():  # every weight informative: layer scales, rel-pos tables, norms off their init
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save({"model": enc.state_dict(), "config": cfg.to_dict()}, tmp_path / "ck.pt")
+    seg = Segmenter(seg_cfg(f"model.pretrained={tmp_path / 'ck.pt'}", f"model.img_size={cfg.model.img_size}")).eval()
+    from beitfast.finetune import load_pretrained
+
+    load_pretrained(seg.backbone.vit, str(tmp_path / "ck.pt"))
+    x = torch.randn(3, 3, cfg.model.img_size, cfg.model.img_size)
+    with torch.no_grad():
+        t, bias = enc.embed(x)
+        want = []
+        for i, blk in enumerate(enc.blocks):
+            t = blk(t, bias)
+            if i in seg.backbone.out_indices:
+                g = cfg.model.img_size // cfg.model.patch_size
+                want.append(t[:, 1:].transpose(1, 2).reshape(3, -1, g, g))
+        got = seg.backbone.vit.forward_intermediates(x, indices=seg.backbone.out_indices, output_fmt="NCHW",
+                                                     intermediates_only=True, stop_early=True)
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
