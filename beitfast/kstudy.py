@@ -312,19 +312,23 @@ def main(argv=None) -> int:
     try:
         from beitfast.ablate import prepare_data
 
-        tok = None if a.report else prepare_data(a.source, a.dvae or a.out / "dvae", a.progress)
+        if a.report:  # the report filters by the tokenizer too, when it is there
+            tok = next((t for t in (a.dvae, a.out / "dvae" / "tokenizer.pt") if t and Path(t).is_file()), None)
+        else:
+            tok = prepare_data(a.source, a.dvae or a.out / "dvae", a.progress)
         a.data = a.data if a.report else shrink_tree(a.source, a.data, a.max_side, a.progress)
     except (RuntimeError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"kstudy: {e}", file=sys.stderr)
         return 2
     results = a.out / "results.jsonl"
     rows = [r for r in _rows(results) if r.get("ft_epochs") == a.ft_epochs]
-    if tok is not None:  # rows of another tokenizer are kept in the file but neither reused nor reported
+    if tok is not None:  # rows of another tokenizer (or of none recorded) are kept in the file, not reused nor reported
         sha = provenance(tok)["tokenizer_sha256"]
-        other = [r for r in rows if r.get("tokenizer_sha256", sha) != sha]
+        other = [r for r in rows if r.get("tokenizer_sha256") != sha]
         if other:
-            print(f"[kstudy] {len(other)} finished run(s) in {results} used another tokenizer; they run again")
-        rows = [r for r in rows if r.get("tokenizer_sha256", sha) == sha]
+            print(f"[kstudy] {len(other)} finished run(s) in {results} used another tokenizer or recorded none; "
+                  f"they run again")
+        rows = [r for r in rows if r.get("tokenizer_sha256") == sha]
     done = {(r["arm"], r["epochs"], r["seed"]) for r in rows}
     # seed by seed, short schedule first: the first hours give every arm at every schedule
     todo = [(arm, 0 if arm == "random_init" else e, s) for s in a.seeds for e in sorted(a.epochs) for arm in a.arms

@@ -53,9 +53,14 @@ def test_study_runs_arms_probes_memorisation_and_resumes(study, small_toy, capsy
     capsys.readouterr()
     assert "cache_seconds" in by["k1"] and by["k1"]["cache_seconds"] >= 0 and "cache_seconds" not in by["online"]
     assert not (d / "ks" / "kstudy_headline.md").exists()  # no reference arm yet: no headline
+    # a row that records no tokenizer (an older runner's) is kept in the file but neither reused nor reported
+    old = {k: v for k, v in {**by["k1"], "arm": "k4", "k": 4}.items() if k != "tokenizer_sha256"}
+    with open(d / "ks" / "results.jsonl", "a") as f:
+        f.write(json.dumps(old) + "\n")
     assert main([*args, "--arms", "k1", "k2", "reference", "random_init", "--headline", "k1"]) == 0  # k2, reference new
     out = capsys.readouterr().out
     assert "[kstudy] k2, 2 epochs, seed 0" in out and "[kstudy] k1, 2 epochs" not in out
+    assert "1 finished run(s)" in out and "recorded none" in out
     summary = json.loads(out.strip().splitlines()[-1])
     # the report holds every finished run, and the headline: the original recipe against K = 1
     assert set(summary) == {"k1_e2", "online_e2", "k2_e2", "reference_e2", "random_init_e0", "headline"}
