@@ -155,7 +155,8 @@ def test_gpu_jitter_ops_agree_with_the_numba_pass():
     """The GPU graph's jitter (views.coord_jitter: three coord_transform ops, run here on CPU
     nodes) against resample.jitter_into (the CPU graph's and the FFCV backend's Numba pass), on
     fresh random images and views: equal but for float ties rounding 1 apart, on under 1% of the
-    pixels. So is the CPU graph's own jitter (dali_jitter on "cpu": jitter_into again, compiled
+    pixels (each op rounds to uint8, so a tie 1 apart in an early op that a later factor above 1
+    scales lands 2 apart: seen once in about ten runs of 64 fresh images). So is the CPU graph's own jitter (dali_jitter on "cpu": jitter_into again, compiled
     by DALI's Numba wrapper, whose float code can land a tie 1 apart too)."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -183,7 +184,7 @@ def test_gpu_jitter_ops_agree_with_the_numba_pass():
         jitter_into(want, imgs[i], mats[i])
         for name, got in (("gpu", gpu_ops), ("cpu", cpu_op)):
             d = np.abs(np.asarray(got[i]).astype(int) - want)
-            assert d.max() <= 1, (name, i, d.max())
+            assert d.max() <= 2, (name, i, d.max())  # a tie 1 apart in an early op, then a factor > 1
             off[name] += int((d != 0).sum())
         total += want.size
         changed += not np.array_equal(want, imgs[i])
