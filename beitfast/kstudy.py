@@ -264,7 +264,7 @@ def write_report(out: Path, rows: list[dict], fast: str = HEADLINE_ARM) -> dict:
     ax.set_title("scores against K", fontsize=9)
     ax.legend(fontsize=6)
     for ax, e in zip(axes[1:], schedules):
-        for j, n in enumerate(ARMS):
+        for j, n in enumerate(list(ARMS) + list(RECIPES)):  # the reference: the view sets' offset, no replay
             curves = [r["mim_curve"] for r in rows if r["arm"] == n and r["epochs"] == e and r.get("mim_curve")]
             if curves:
                 m = min(len(c) for c in curves)
