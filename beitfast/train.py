@@ -40,6 +40,7 @@ from beitfast.data.render import one_line  # noqa: E402
 from beitfast.model import Beit, BeitArgs  # noqa: E402
 from beitfast.preempt import EXIT_PREEMPTED, Preemption  # noqa: E402
 from beitfast.runlog import atomic_save, read_checkpoint, reset_metrics  # noqa: E402
+from beitfast.steploop import autocast  # noqa: E402
 
 CKPT_FORMAT = "beitfast-pretrain-ckpt/2"  # 2: per-rank CPU and CUDA RNG states, world size, loss scaler
 
@@ -185,7 +186,7 @@ class Run:
     fwd: object = None  # ddp, or torch.compile(ddp)
     opt: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
-    amp_dtype: torch.dtype | None = None
+    autocast: object = None  # the autocast context factory of the resolved precision (steploop.autocast)
     step: int = 0
     last_good: int | None = None  # the step of the checkpoint on disk
 
@@ -275,8 +276,8 @@ def build_model(r: Run) -> None:
     cfg = r.cfg
     r.model = Beit(BeitArgs.from_config(cfg.model)).to(r.device)
     r.opt = build_optimizer(param_groups(r.model, cfg.optim.weight_decay), cfg.optim, r.device)
-    r.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    r.scaler = torch.amp.GradScaler(r.device.type) if r.amp_dtype == torch.float16 else None
+    r.autocast = autocast(cfg.train.precision, r.device)
+    r.scaler = torch.amp.GradScaler(r.device.type) if cfg.train.precision == "fp16" else None
 
 
 def resume(r: Run) -> None:
@@ -364,7 +365,7 @@ def train_step(r: Run, batches, win: Window, lr: float) -> None:
         batch = next(batches)
         win.waited += time.perf_counter() - t_wait
         with r.ddp.no_sync() if (r.world > 1 and m < r.accum - 1) else nullcontext():
-            with torch.autocast(r.device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
+            with r.autocast():
                 o = r.fwd(batch["images"], batch["mask"], batch["tokens"], cfg.mask.num_patches)
             loss = o["loss"] / r.accum if r.accum > 1 else o["loss"]
             (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -17,12 +17,15 @@ the batches an uninterrupted one would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +218,217 @@ def save_curves(rows: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the run, as named steps
+@dataclass
+class Run:
+    """What the steps of one run share (main: data, model, resume, loop, finish)."""
+
+    cfg: DVAEConfig
+    world: int
+    rank: int
+    device: torch.device
+    out: Path
+    train_im: Images | None = None
+    val_im: Images | None = None
+    eval_x: torch.Tensor | None = None  # the fixed eval batch, (N, 3, S, S) in [0, 1] on the device
+    baseline_psnr: float = 0.0  # the mean training image's PSNR on it
+    arch: DVAEArch | None = None
+    model: DVAE | None = None
+    ema: DVAE | None = None
+    ddp: torch.nn.Module | None = None
+    opt: torch.optim.Optimizer | None = None
+    step: int = 0
+    rows: list = field(default_factory=list)  # the metrics rows (rank 0)
+
+    @property
+    def main_proc(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def final(self) -> DVAE:
+        return self.ema if self.ema is not None else self.model
+
+
+def open_data(r: Run) -> None:
+    """The data step: both splits scanned, the fixed eval batch (evenly spaced over the sorted
+    split, so every class is in it) and the mean-image baseline's PSNR on it."""
+    cfg = r.cfg
+    r.train_im = Images(cfg.data.root, cfg.data.split, cfg.data.preload_side)
+    r.val_im = Images(cfg.data.root, cfg.data.val_split, cfg.data.preload_side)
+    ev_idx = r.val_im.good[:: max(1, len(r.val_im.good) // cfg.data.eval_images)][: cfg.data.eval_images]
+    eval_x = torch.from_numpy(np.stack([centre_crop(r.val_im.load(i), cfg.model.img_size) for i in ev_idx]))
+    r.eval_x = eval_x.permute(0, 3, 1, 2).float().div(255).to(r.device)
+    mean_idx = r.train_im.good[:: max(1, len(r.train_im.good) // 512)]
+    mean_img = torch.from_numpy(np.stack([centre_crop(r.train_im.load(i), cfg.model.img_size)
+                                          for i in mean_idx])).float().div(255).mean(0)
+    r.baseline_psnr = psnr(r.eval_x.cpu(), mean_img.permute(2, 0, 1).expand_as(r.eval_x.cpu()))
+    if r.main_proc and (r.train_im.bad or r.val_im.bad):
+        bad = {**r.train_im.bad, **r.val_im.bad}
+        print(f"[dvae] skipped {len(bad)} undecodable files, e.g. {next(iter(bad.items()))}")
+
+
+def build_model(r: Run) -> None:
+    """The model step: the dVAE, its EMA copy (optim.ema > 0) and AdamW."""
+    m, o = r.cfg.model, r.cfg.optim
+    r.arch = DVAEArch(vocab_size=m.vocab_size, n_hid=m.n_hid, n_init=m.n_init, n_blk_per_group=m.n_blk_per_group,
+                      downsample=m.downsample, likelihood=m.likelihood)
+    r.model = DVAE(r.arch).to(r.device)
+    r.ema = copy.deepcopy(r.model).requires_grad_(False) if o.ema > 0 else None
+    r.opt = torch.optim.AdamW(r.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def resume(r: Run, fresh: bool) -> None:
+    """The resume step: model, optimizer, EMA, step and every rank's RNG streams from out/ckpt.pt
+    unless `fresh`; the metrics log cut back to that step; the DDP wrapper. Raises ValueError
+    naming the file for a checkpoint that cannot be used."""
+    path = r.out / "ckpt.pt"
+    if path.exists() and not fresh:
+        ck = read_checkpoint(path, CKPT_FORMAT, "use --fresh to start over")
+        r.model.load_state_dict(ck["model"])
+        r.opt.load_state_dict(ck["opt"])
+        if r.ema is not None:
+            r.ema.load_state_dict(ck["ema"])
+        r.step = ck["step"]
+        try:
+            distributed.restore_rng(ck["rng"], r.rank, r.world, r.device)
+        except distributed.WorldSizeChanged as e:
+            raise ValueError(f"{path}: {e}") from None
+        if r.main_proc:
+            print(f"[dvae] resumed from {path} at step {r.step}")
+    r.ddp = torch.nn.parallel.DistributedDataParallel(r.model) if r.world > 1 else r.model
+    r.rows = reset_metrics(r.out / "metrics.jsonl", r.step) if r.main_proc else []
+
+
+def batches(r: Run):
+    """This rank's batches from step r.step on (uint8 on the host)."""
+    cfg = r.cfg
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(StepBatches(r.train_im, cfg, r.rank, r.world), range(r.step, cfg.train.steps)),
+        batch_size=None, shuffle=False, num_workers=cfg.data.workers, persistent_workers=False,
+        prefetch_factor=4 if cfg.data.workers else None,
+        # its own generator: starting an iterator otherwise draws from the global RNG, which
+        # would shift the Gumbel noise of a resumed run against an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.train.seed))
+
+
+def train_step(r: Run, x: torch.Tensor, amp, acc: torch.Tensor, code_hist: torch.Tensor) -> dict:
+    """One optimizer step at r.step's temperature, KL weight and lr (the EMA follows); sums the
+    step's nll, kl and soft PSNR into `acc` and its argmax codes into `code_hist` on the device."""
+    cfg = r.cfg
+    tau, beta, lr = temperature_at(r.step, cfg), kl_weight_at(r.step, cfg), lr_at(r.step, cfg)
+    for g in r.opt.param_groups:
+        g["lr"] = lr
+    with amp() if amp is not None else contextlib.nullcontext():
+        o = r.ddp(x, tau, beta)
+    r.opt.zero_grad(set_to_none=True)
+    o["loss"].backward()
+    if cfg.optim.clip_grad:
+        torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.optim.clip_grad)
+    r.opt.step()
+    with torch.no_grad():
+        if r.ema is not None:
+            torch._foreach_lerp_(list(r.ema.parameters()), list(r.model.parameters()), 1 - cfg.optim.ema)
+        acc += torch.stack([o["nll"].detach(), o["kl"].detach(), torch.tensor(psnr(o["recon"], x), device=r.device)])
+        code_hist += torch.bincount(o["logits"].argmax(1).flatten(), minlength=r.arch.vocab_size)
+    return {"temperature": tau, "kl_weight": beta, "lr": lr}
+
+
+def train_row(r: Run, acc: torch.Tensor, code_hist: torch.Tensor, n: int, seconds: float, sched: dict) -> dict:
+    """The report of the last `n` steps (averaged over ranks): the one host sync per report."""
+    if r.world > 1:
+        dist.all_reduce(acc)
+        dist.all_reduce(code_hist)
+        acc /= r.world
+    a = (acc / n).tolist()
+    p = code_hist / code_hist.sum()
+    train_ppl = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    return {"kind": "train", "step": r.step, "nll": round(a[0], 5), "kl": round(a[1], 5),
+            "train_psnr_soft": round(a[2], 3), "temperature": round(sched["temperature"], 4),
+            "kl_weight": round(sched["kl_weight"], 4), "lr": sched["lr"], "perplexity": round(train_ppl, 2),
+            "used_fraction": round(float((code_hist > 0).float().mean()), 4),
+            "img_per_s": round(n * r.cfg.data.batch_size * r.world / seconds, 1)}
+
+
+def evaluate(r: Run, net: DVAE) -> dict:
+    """Hard-code reconstructions of the eval batch: PSNR against the baseline's, codebook use; recon.png."""
+    net.eval()
+    codes, recon = net.reconstruct_hard(r.eval_x)
+    net.train()
+    ppl, used = codebook_usage(codes, r.arch.vocab_size)
+    save_grid(r.eval_x.cpu(), recon.cpu(), r.out / "recon.png")
+    return {"kind": "eval", "step": r.step, "psnr": round(psnr(recon, r.eval_x), 3),
+            "baseline_psnr": round(r.baseline_psnr, 3), "perplexity": round(ppl, 2), "used_fraction": round(used, 4)}
+
+
+def checkpoint(r: Run) -> None:
+    rng = distributed.rng_states(r.world, r.device)
+    if r.main_proc:
+        atomic_save({"format": CKPT_FORMAT, "model": r.model.state_dict(), "opt": r.opt.state_dict(),
+                     "ema": r.ema.state_dict() if r.ema is not None else None, "step": r.step, "rng": rng,
+                     "config": r.cfg.to_dict()}, r.out / "ckpt.pt")
+
+
+def log(r: Run, row: dict) -> None:
+    r.rows.append(row)
+    with open(r.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def loop(r: Run, stop_at: int) -> bool:
+    """The steps from r.step to train.steps with their reports, evals and checkpoints; True when
+    it stopped early at `stop_at` (after that step's checkpoint)."""
+    from beitfast.progress import progress_bar
+
+    cfg = r.cfg
+    bar = progress_bar(total=cfg.train.steps, initial=r.step, desc="dvae", unit="step",
+                       disable=not (r.main_proc and cfg.log.progress))
+    amp = partial(torch.autocast, "cuda", dtype=torch.bfloat16) \
+        if r.device.type == "cuda" and cfg.train.precision == "bf16" else None
+    acc = torch.zeros(3, device=r.device)  # nll, kl, psnr sums since the last report (no host sync)
+    code_hist = torch.zeros(r.arch.vocab_size, device=r.device)
+    n_acc, t0 = 0, time.time()
+    r.model.train()
+    try:
+        for x in batches(r):
+            sched = train_step(r, x.to(r.device, non_blocking=True).float().div_(255), amp, acc, code_hist)
+            n_acc += 1
+            r.step += 1
+            bar.update()
+            end = r.step == cfg.train.steps
+            if r.step % cfg.log.every == 0 or end:
+                row = train_row(r, acc, code_hist, n_acc, time.time() - t0, sched)
+                if r.main_proc:
+                    log(r, row)
+                    bar.set_postfix(nll=row["nll"], psnr=row["train_psnr_soft"], ppl=row["perplexity"])
+                acc.zero_()
+                code_hist.zero_()
+                n_acc, t0 = 0, time.time()
+            if r.main_proc and (r.step % cfg.log.eval_every == 0 or end):
+                log(r, evaluate(r, r.final))
+            if r.step % cfg.log.ckpt_every == 0 or end:
+                checkpoint(r)
+                if stop_at and r.step >= stop_at:
+                    return True
+    finally:
+        bar.close()
+    return False
+
+
+def finish(r: Run) -> None:
+    """tokenizer.pt (the EMA weights when kept), curves.png, the summary line (rank 0)."""
+    out = r.out
+    atomic_save(r.final.export(r.cfg.model.img_size), out / "tokenizer.pt")
+    save_curves(r.rows, out / "curves.png")
+    last = [x for x in r.rows if x["kind"] == "eval"][-1]
+    summary = {"tokenizer": str(out / "tokenizer.pt"), "steps": r.step, **{k: last[k] for k in
+               ("psnr", "baseline_psnr", "perplexity", "used_fraction")}, "vocab_size": r.arch.vocab_size,
+               "skipped_files": len(r.train_im.bad) + len(r.val_im.bad)}
+    print(f"[dvae] eval PSNR {last['psnr']:.2f} dB vs mean-image baseline {last['baseline_psnr']:.2f} dB; "
+          f"codebook perplexity {last['perplexity']:.1f}, {100 * last['used_fraction']:.1f}% of "
+          f"{r.arch.vocab_size} codes used; tokenizer -> {out / 'tokenizer.pt'}, grid -> {out / 'recon.png'}")
+    print(json.dumps(summary))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     ap.add_argument("--stop-at", type=int, default=0,
@@ -226,166 +440,22 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"train_dvae: config error: {e}", file=sys.stderr)
         return 2
-
     started = distributed.start_run(cfg, "train_dvae")
     if started is None:
         return 2
-    world, rank, device, out = started
-    want_cuda = device.type == "cuda"
-    main_proc = rank == 0
-
-    # --- data
-    train_im = Images(cfg.data.root, cfg.data.split, cfg.data.preload_side)
-    val_im = Images(cfg.data.root, cfg.data.val_split, cfg.data.preload_side)
-    batches = StepBatches(train_im, cfg, rank, world)
-    # evenly spaced over the sorted split, so every class is in the eval batch
-    ev_idx = val_im.good[:: max(1, len(val_im.good) // cfg.data.eval_images)][: cfg.data.eval_images]
-    eval_x = torch.from_numpy(np.stack([centre_crop(val_im.load(i), cfg.model.img_size) for i in ev_idx]))
-    eval_x = eval_x.permute(0, 3, 1, 2).float().div(255).to(device)
-    mean_idx = train_im.good[:: max(1, len(train_im.good) // 512)]
-    mean_img = torch.from_numpy(np.stack([centre_crop(train_im.load(i), cfg.model.img_size)
-                                          for i in mean_idx])).float().div(255).mean(0)
-    baseline_psnr = psnr(eval_x.cpu(), mean_img.permute(2, 0, 1).expand_as(eval_x.cpu()))
-    if main_proc and (train_im.bad or val_im.bad):
-        bad = {**train_im.bad, **val_im.bad}
-        print(f"[dvae] skipped {len(bad)} undecodable files, e.g. {next(iter(bad.items()))}")
-
-    # --- model, optimizer
-    m = cfg.model
-    arch = DVAEArch(vocab_size=m.vocab_size, n_hid=m.n_hid, n_init=m.n_init, n_blk_per_group=m.n_blk_per_group,
-                    downsample=m.downsample, likelihood=m.likelihood)
-    model = DVAE(arch).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
-    step = 0
-    ckpt_path = out / "ckpt.pt"
-    if ckpt_path.exists() and not args.fresh:
-        try:
-            ck = read_checkpoint(ckpt_path, CKPT_FORMAT, "use --fresh to start over")
-        except ValueError as e:
-            print(f"train_dvae: {e}", file=sys.stderr)
-            return 2
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema"])
-        step = ck["step"]
-        try:
-            distributed.restore_rng(ck["rng"], rank, world, device)
-        except distributed.WorldSizeChanged as e:
-            print(f"train_dvae: {ckpt_path}: {e}", file=sys.stderr)
-            return 2
-        if main_proc:
-            print(f"[dvae] resumed from {ckpt_path} at step {step}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    rows = reset_metrics(out / "metrics.jsonl", step) if main_proc else []
-
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(batches, range(step, cfg.train.steps)), batch_size=None, shuffle=False,
-        num_workers=cfg.data.workers, persistent_workers=False, prefetch_factor=4 if cfg.data.workers else None,
-        # its own generator: starting an iterator otherwise draws from the global RNG, which
-        # would shift the Gumbel noise of a resumed run against an uninterrupted one
-        generator=torch.Generator().manual_seed(cfg.train.seed))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if want_cuda and cfg.train.precision == "bf16" else None
-
-    def evaluate(net: DVAE, at: int) -> dict:
-        net.eval()
-        codes, recon = net.reconstruct_hard(eval_x)
-        net.train()
-        ppl, used = codebook_usage(codes, arch.vocab_size)
-        save_grid(eval_x.cpu(), recon.cpu(), out / "recon.png")
-        return {"kind": "eval", "step": at, "psnr": round(psnr(recon, eval_x), 3),
-                "baseline_psnr": round(baseline_psnr, 3), "perplexity": round(ppl, 2), "used_fraction": round(used, 4)}
-
-    def checkpoint(at: int) -> None:
-        rng = distributed.rng_states(world, device)
-        if main_proc:
-            atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(), "opt": opt.state_dict(),
-                         "ema": ema.state_dict() if ema is not None else None, "step": at, "rng": rng,
-                         "config": cfg.to_dict()}, ckpt_path)
-
-    def log(row: dict) -> None:
-        rows.append(row)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    # --- loop
-    from beitfast.progress import progress_bar
-
-    bar = progress_bar(total=cfg.train.steps, initial=step, desc="dvae", unit="step",
-               disable=not (main_proc and cfg.log.progress))
-    acc = torch.zeros(3, device=device)  # nll, kl, psnr sums since the last report (no host sync)
-    code_hist = torch.zeros(arch.vocab_size, device=device)
-    n_acc, t0 = 0, time.time()
-    model.train()
-    for x in loader:
-        x = x.to(device, non_blocking=True).float().div_(255)
-        tau, beta, lr = temperature_at(step, cfg), kl_weight_at(step, cfg), lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if amp is not None:
-            with amp:
-                o = ddp(x, tau, beta)
-        else:
-            o = ddp(x, tau, beta)
-        opt.zero_grad(set_to_none=True)
-        o["loss"].backward()
-        if cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.optim.ema)
-        with torch.no_grad():
-            acc += torch.stack([o["nll"].detach(), o["kl"].detach(), torch.tensor(psnr(o["recon"], x), device=device)])
-            code_hist += torch.bincount(o["logits"].argmax(1).flatten(), minlength=arch.vocab_size)
-        n_acc += 1
-        step += 1
-        bar.update()
-        if step % cfg.log.every == 0 or step == cfg.train.steps:
-            if world > 1:
-                dist.all_reduce(acc)
-                dist.all_reduce(code_hist)
-                acc /= world
-            a = (acc / n_acc).tolist()  # the one host sync per report
-            p = code_hist / code_hist.sum()
-            train_ppl = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-            row = {"kind": "train", "step": step, "nll": round(a[0], 5), "kl": round(a[1], 5),
-                   "train_psnr_soft": round(a[2], 3), "temperature": round(tau, 4), "kl_weight": round(beta, 4),
-                   "lr": lr, "perplexity": round(train_ppl, 2),
-                   "used_fraction": round(float((code_hist > 0).float().mean()), 4),
-                   "img_per_s": round(n_acc * cfg.data.batch_size * world / (time.time() - t0), 1)}
-            if main_proc:
-                log(row)
-                bar.set_postfix(nll=row["nll"], psnr=row["train_psnr_soft"], ppl=row["perplexity"])
-            acc.zero_()
-            code_hist.zero_()
-            n_acc, t0 = 0, time.time()
-        if main_proc and (step % cfg.log.eval_every == 0 or step == cfg.train.steps):
-            log(evaluate(ema if ema is not None else model, step))
-        if step % cfg.log.ckpt_every == 0 or step == cfg.train.steps:
-            checkpoint(step)
-            if args.stop_at and step >= args.stop_at:
-                bar.close()
-                if main_proc:
-                    print(f"[dvae] stopped at step {step} as asked (--stop-at); re-run to resume")
-                distributed.shutdown()
-                return 0
-    bar.close()
-
-    if main_proc:
-        final = ema if ema is not None else model
-        atomic_save(final.export(cfg.model.img_size), out / "tokenizer.pt")
-        save_curves(rows, out / "curves.png")
-        last = [r for r in rows if r["kind"] == "eval"][-1]
-        summary = {"tokenizer": str(out / "tokenizer.pt"), "steps": step, **{k: last[k] for k in
-                   ("psnr", "baseline_psnr", "perplexity", "used_fraction")}, "vocab_size": arch.vocab_size,
-                   "skipped_files": len(train_im.bad) + len(val_im.bad)}
-        print(f"[dvae] eval PSNR {last['psnr']:.2f} dB vs mean-image baseline {last['baseline_psnr']:.2f} dB; "
-              f"codebook perplexity {last['perplexity']:.1f}, {100 * last['used_fraction']:.1f}% of "
-              f"{arch.vocab_size} codes used; tokenizer -> {out / 'tokenizer.pt'}, grid -> {out / 'recon.png'}")
-        print(json.dumps(summary))
+    r = Run(cfg, *started)
+    open_data(r)
+    build_model(r)
+    try:
+        resume(r, args.fresh)
+    except ValueError as e:
+        print(f"train_dvae: {e}", file=sys.stderr)
+        return 2
+    if loop(r, args.stop_at):
+        if r.main_proc:
+            print(f"[dvae] stopped at step {r.step} as asked (--stop-at); re-run to resume")
+    elif r.main_proc:
+        finish(r)
     distributed.shutdown()
     return 0
 
