@@ -421,6 +421,9 @@ class SegConfig(Sections):
         if m.img_size % (2 * m.patch_size):
             raise ConfigError(f"model.img_size ({m.img_size}) must be a multiple of 2 x model.patch_size "
                               f"({2 * m.patch_size}): the last feature map is pooled to stride 2 x patch")
+        if m.head == "setr_pup" and m.patch_size & (m.patch_size - 1):
+            raise ConfigError(f"model.head=setr_pup upsamples by 2 per stage back to stride 1: model.patch_size must be "
+                              f"a power of 2, got {m.patch_size}")
         from beitfast.model import SIZES
 
         depth = SIZES[m.size][1]

@@ -247,8 +247,8 @@ class UperHead(nn.Module):
 
 
 class PupHead(nn.Module):
-    """SETR-PUP: the last block's map at stride `patch` (block 12) through four stages of 3x3 conv + BN + ReLU
-    + 2x bilinear upsampling, then a 1x1 classifier."""
+    """SETR-PUP: the last block's map at stride `patch` (block 12) through log2(patch) stages of 3x3 conv +
+    BN + ReLU + 2x bilinear upsampling (SETR's four at patch 16: back to stride 1), then a 1x1 classifier."""
 
     def __init__(self, dim: int, channels: int, num_classes: int, stages: int = 4):
         super().__init__()
@@ -269,7 +269,8 @@ class Segmenter(nn.Module):
         m, n = cfg.model, cfg.data.num_classes
         self.backbone = BeitBackbone(m)
         dim = self.backbone.vit.embed_dim
-        self.decode_head = UperHead(dim, m.channels, n) if m.head == "upernet" else PupHead(dim, m.channels, n)
+        self.decode_head = UperHead(dim, m.channels, n) if m.head == "upernet" else \
+            PupHead(dim, m.channels, n, stages=m.patch_size.bit_length() - 1)  # back to stride 1
         self.aux_head = nn.Sequential(conv_bn_relu(dim, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, n, 1)) \
             if m.aux_weight > 0 else None
 

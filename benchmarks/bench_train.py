@@ -114,8 +114,8 @@ def run_recipe(base_over: list[str], over: list[str], out: Path, warm: int, wind
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="minutes, for the test suite: every recipe runs, "
-                    "figures mean little")
+    ap.add_argument("--tiny", action="store_true", help="minutes, for the test suite: every recipe runs (on a CPU "
+                    "without torch.compile), figures mean little")
     ap.add_argument("--images", type=int, default=None, help="toy images (default 256; 2048 on a GPU; tiny 32)")
     ap.add_argument("--batch", type=int, default=None, help="per-step batch (default 16 on a CPU, 128 on a GPU)")
     ap.add_argument("--every", type=int, default=None, help="steps per report window (timed unit)")
@@ -139,6 +139,9 @@ def main(argv=None) -> dict:
         if unknown:
             ap.error(f"unknown recipe(s) {unknown}; known: {[n for n, _ in todo]}")
         todo = [(n, o) for n, o in todo if n in want]
+    if a.tiny and not cuda:  # inductor on 2 CPU cores costs minutes and checks nothing the tests do not
+        # (test_train: the compiled step against eager; test_selfcheck: the compile self-check)
+        todo = [(n, o + ["train.compile=false"]) for n, o in todo]
     res = {"bench": "train", "device": dev.type, "model": model_size, "batch": batch, "images": n_images,
            "img_size": size, "tiny": a.tiny, "every": every, "windows": windows, "warm_steps": warm}
     with tempfile.TemporaryDirectory() as tmp:

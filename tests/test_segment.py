@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from beitfast.config import SegConfig, load_config
+from beitfast.config import ConfigError, SegConfig, load_config
 from beitfast.segment import (IGNORE, Segmenter, iou_from_confusion, confusion, list_ade20k, main, poly_lr,
                               read_pair, seg_param_groups, slide_logits)
 
@@ -71,6 +71,9 @@ def test_backbone_strides_and_heads(head):
         out, aux = m(x)
     assert [f.shape[-1] for f in feats] == [32, 16, 8, 4]  # strides patch/4, patch/2, patch, 2 x patch
     assert last.shape == (2, 192, 8, 8) and out.shape == (2, 8, 64, 64) and aux is None
+    with torch.no_grad():  # either head ends at stride 1 (SETR-PUP: log2(8) = 3 upsampling stages), unresized
+        raw = m.decode_head(feats if head == "upernet" else last)
+    assert raw.shape[-1] == {"upernet": 32, "setr_pup": 64}[head]
     m.train()
     assert m(x)[1].shape == (2, 8, 64, 64)
 
@@ -216,3 +219,9 @@ def test_backbone_blocks_equal_the_pretrained_encoder_at_the_pretraining_size(tm
     assert len(got) == len(want) == 4
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_setr_pup_needs_a_power_of_two_patch():
+    with pytest.raises(ConfigError, match="model.patch_size must be a power of 2, got 6"):
+        seg_cfg("model.head=setr_pup", "model.patch_size=6", "model.img_size=48")
+    seg_cfg("model.head=upernet", "model.patch_size=6", "model.img_size=48")  # UperNet has no such constraint
