@@ -17,7 +17,7 @@ from beitfast.data.cache import CacheError, TokenCache, expected_settings
 from beitfast.data.images import list_imagefolder
 from beitfast.tokenizers import build_tokenizer
 from beitfast.tokenizers.dvae import DVAE, DVAEArch
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_process
 
 SCRIPT = str(ROOT / "data_prep" / "tokenize_imagenet.py")
 
@@ -43,7 +43,12 @@ def _run(toy_root, out, tok_path, *extra, nproc=1, check=True, popen=False):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if nproc == 1:  # in this process, one torch thread as OMP_NUM_THREADS=1 gives the torchrun twins
+        from data_prep.tokenize_imagenet import main
+
+        r = in_process(main, base[1:], threads=1)
+    else:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r

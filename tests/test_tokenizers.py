@@ -14,7 +14,7 @@ from beitfast.config import load_config
 from beitfast.tokenizers import build_tokenizer, weights_checksum
 from beitfast.tokenizers.dalle import DalleEncoder, DalleTokenizer, load_dalle_weights
 from beitfast.tokenizers.dvae import DVAE, DVAEArch, DVAETokenizer, load_export
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_process
 
 try:
     import dall_e
@@ -155,10 +155,14 @@ def _train(toy_root, out, *extra, nproc=1, timeout=600):
     args = [f"data.root={toy_root}", f"log.out_dir={out}", "log.progress=false", "data.eval_images=16",
             "data.batch_size=16", *extra]
     script = str(ROOT / "data_prep" / "train_dvae.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), script] if nproc > 1
-           else [sys.executable, script])
-    r = subprocess.run(cmd + ["--cfg", "dvae_tiny.yaml", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if nproc == 1:  # in this process (no interpreter start-up per run), one thread as OMP_NUM_THREADS=1 gave
+        from data_prep.train_dvae import main
+
+        r = in_process(main, ["--cfg", "dvae_tiny.yaml", *args], threads=1)
+    else:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), script,
+                            "--cfg", "dvae_tiny.yaml", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_process
 
 
 def args(cache, out, *extra):
@@ -17,52 +17,6 @@ def args(cache, out, *extra):
     return ["--cfg", "tiny.yaml", f"data.cache={path}", f"log.out_dir={out}", "model.size=micro",
             "data.batch_size=8", "train.global_batch=8", "train.epochs=2", "log.every=2", "log.progress=false", "optim.warmup_epochs=0.5",
             *over, *extra]
-
-
-def in_process(main, argv):
-    """A CLI's `main(argv)` run in this process, as a CompletedProcess (return code, the stdout
-    and stderr it printed, file descriptors 1 and 2 included, so its worker processes' and C
-    libraries' output too): an uncaught exception is return code 1 with its traceback, as the
-    interpreter would give. The thread counts the trainer sets are put back. It saves the
-    seconds of a fresh interpreter's imports (torch, timm, DALI, numba) on every run."""
-    import io
-    import tempfile
-    import traceback
-
-    import numba
-
-    threads, nb = torch.get_num_threads(), numba.get_num_threads()
-    files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_fds, saved_streams = [os.dup(1), os.dup(2)], (sys.stdout, sys.stderr)
-    for fd, f in zip((1, 2), files):
-        os.dup2(f.fileno(), fd)
-    sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True)
-                              for fd in (1, 2))
-    try:
-        try:
-            rc = main(list(argv))
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        except Exception:  # what a subprocess would print before exiting with 1
-            traceback.print_exc()
-            rc = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        sys.stdout, sys.stderr = saved_streams
-        for fd, old in zip((1, 2), saved_fds):
-            os.dup2(old, fd)
-            os.close(old)
-        torch.set_num_threads(threads)
-        numba.set_num_threads(nb)
-    text = []
-    for f in files:
-        f.seek(0)
-        text.append(f.read().decode(errors="replace"))
-        f.close()
-    return subprocess.CompletedProcess(list(argv), rc, *text)
 
 
 def train(cache, out, *extra, nproc=1, cwd=None):
