@@ -22,7 +22,8 @@ if [ "${1:-}" = --report ]; then
   exec $P - "${2:-$out}" <<'PY'
 import json, sys
 rows = [json.loads(x) for x in open(sys.argv[1]) if x.strip()]
-encs = [e for e in ("pre200", "pre50k10", "pre50", "random") if any(r["encoder"] == e for r in rows)]
+order = {"pre200": 0, "pre50k10": 1, "pre50": 2, "random": 9}  # the README's; any other encoder between
+encs = sorted(dict.fromkeys(r["encoder"] for r in rows), key=lambda e: order.get(e, 5))
 keys = []
 for r in rows:
     k = (r["head"], r["layer_decay"], r["lr"], r["iters"], r["seed"])
