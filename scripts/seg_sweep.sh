@@ -7,6 +7,8 @@
 #   bash scripts/seg_sweep.sh ENCODER...   # ENCODER: random, or NAME=path/to/ckpt.pt (K-study runs)
 #   SWEEP_SETTINGS=2 bash scripts/seg_sweep.sh ...   # the first 2 settings only
 #   bash scripts/seg_sweep.sh --report [ROWS.jsonl]     # the table (mIoU / pixel accuracy) of the rows there
+#   bash scripts/seg_sweep.sh --tiny ENCODER...    # seconds (tests/test_kstudy.py): 6 toy images, one setting of 2 iterations
+# SWEEP_OUT=DIR: rows and runs under DIR (default runs/segsweep); PYTHON: the interpreter (default .venv/bin/python).
 # The README's runs (2026-12-02), encoders of the K study (beitfast/kstudy.py, runs/kstudy):
 #   bash scripts/seg_sweep.sh pre200=runs/kstudy/runs/k10_e200_s1/pretrain/ckpt.pt random   # K=10, 200 epochs, seed 1
 #   SWEEP_SETTINGS=2 bash scripts/seg_sweep.sh pre50=runs/kstudy/runs/k1_e50_s0/pretrain/ckpt.pt   # K=1, 50 epochs
@@ -14,10 +16,12 @@
 #     the K study's k10 50-epoch seed-0 run again (its cache with make_cache(..., 10, 0, ...), then beitfast/train.py
 #     --cfg micro.yaml train.epochs=50 train.seed=0 mask.seed=0 data.cache=... data.views=10), no memorisation probe
 cd "$(dirname "$0")/.."
-P=.venv/bin/python
+P=${PYTHON:-.venv/bin/python}
 D=data/toy_ade20k
-OUTD=runs/segsweep
+OUTD=${SWEEP_OUT:-runs/segsweep}
 out=$OUTD/results.jsonl
+TINY=0
+if [ "${1:-}" = --tiny ]; then TINY=1; shift; D=$OUTD/toy_ade20k_tiny; fi
 if [ "${1:-}" = --report ]; then
   exec $P - "${2:-$out}" <<'PY'
 import json, sys
@@ -39,7 +43,11 @@ PY
 fi
 mkdir -p $OUTD
 touch $out
-$P -c "from data_prep.make_toy_imagenet import make_segmentation as m; m('$D', train=300, val=60, progress=False)"
+if [ $TINY = 1 ]; then
+  $P -c "from data_prep.make_toy_imagenet import make_segmentation as m; m('$D', train=4, val=2, sides=(40, 64), progress=False)"
+else
+  $P -c "from data_prep.make_toy_imagenet import make_segmentation as m; m('$D', train=300, val=60, progress=False)"
+fi
 failed=0
 one() {  # ENC_NAME CKPT HEAD LAYER_DECAY LR ITERS SEED
   local name=$1 ck=$2 head=$3 ld=$4 lr=$5 it=$6 seed=$7
@@ -48,7 +56,7 @@ one() {  # ENC_NAME CKPT HEAD LAYER_DECAY LR ITERS SEED
   if ! $P beitfast/segment.py --cfg seg_micro.yaml data.root=$D log.out_dir=$dir log.progress=false \
        model.pretrained=$ck model.head=$head optim.layer_decay=$ld optim.lr=$lr train.iters=$it \
        train.eval_every=$it log.ckpt_every=$it optim.warmup_iters=$(( it / 10 )) train.seed=$seed \
-       > $dir.log 2>&1; then
+       "${EXTRA[@]}" > $dir.log 2>&1; then
     echo "FAIL $key"; tail -5 $dir.log; failed=1; return  # no row from a stale eval.json
   fi
   $P -c "import json; r=json.load(open('$dir/eval.json')); print(json.dumps({'key':'$key','encoder':'$name','ckpt':'$ck','head':'$head','layer_decay':$ld,'lr':$lr,'iters':$it,'seed':$seed,'miou':r['miou'],'aacc':r['aacc'],'iou':r['iou']}))" >> $out
@@ -59,6 +67,8 @@ one() {  # ENC_NAME CKPT HEAD LAYER_DECAY LR ITERS SEED
 SETTINGS=("upernet 0.65 1e-3 200 0" "upernet 1.0 1e-3 200 0" "upernet 0.9 1e-3 200 0" "setr_pup 0.65 1e-3 200 0"
           "upernet 1.0 3e-3 200 0" "upernet 0.65 1e-3 200 1" "upernet 0.65 1e-3 600 0" "upernet 1.0 3e-4 200 0")
 SETTINGS=("${SETTINGS[@]:0:${SWEEP_SETTINGS:-${#SETTINGS[@]}}}")  # SWEEP_SETTINGS=N: the first N only
+EXTRA=()
+[ $TINY = 1 ] && SETTINGS=("upernet 0.65 1e-3 2 0") && EXTRA=(data.batch_size=2 train.global_batch=2 log.every=1)
 for setting in "${SETTINGS[@]}"; do
   for enc in "$@"; do
     if [ "$enc" = random ]; then name=random ck=""; else name=${enc%%=*} ck=${enc#*=}; fi

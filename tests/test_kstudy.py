@@ -116,3 +116,43 @@ def test_memorisation_probe_is_a_pure_read_and_refuses_other_images(study, tmp_p
     cfg = load_config("micro", [f"log.mim_eval=a:{caches / 'k1_s0'},b:{tmp_path / 'oc'}"])
     with pytest.raises(CacheError, match="not the same image"):
         MimProbe(cfg, torch.device("cpu"))
+
+
+def _script(name, *args, **env):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run(["bash", str(ROOT / "scripts" / name), *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHON=sys.executable, **env))
+
+
+def test_sweep_scripts_tiny_modes_write_rows_resume_and_report(study, tmp_path):
+    """scripts/seg_sweep.sh and probe_sweep.sh, the README's segmentation and probe sweeps, in
+    their tiny modes on an encoder of the study: a row per finished run, a missing checkpoint
+    skipped and the exit status 1, a second call runs nothing, the report's table."""
+    d, _ = study
+    ck = d / "ks" / "runs" / "k1_e2_s0" / "pretrain" / "ckpt.pt"
+    seg = {"SWEEP_OUT": str(tmp_path / "seg")}
+    r = _script("seg_sweep.sh", "--tiny", f"pre={ck}", f"gone={tmp_path / 'none.pt'}", **seg)
+    assert r.returncode == 1 and "gone skipped" in r.stdout and "SWEEP DONE" in r.stdout, r.stdout + r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "seg" / "results.jsonl").read_text().splitlines()]
+    assert [(x["encoder"], x["head"], x["iters"]) for x in rows] == [("pre", "upernet", 2)], rows
+    assert 0 <= rows[0]["miou"] <= 100 and rows[0]["ckpt"] == str(ck)
+    assert not list((tmp_path / "seg").glob("*/ckpt.pt"))  # the sweep keeps rows, not checkpoints
+    r = _script("seg_sweep.sh", "--tiny", f"pre={ck}", **seg)
+    assert r.returncode == 0 and len((tmp_path / "seg" / "results.jsonl").read_text().splitlines()) == 1, r.stdout
+    r = _script("seg_sweep.sh", "--report", tmp_path / "seg" / "results.jsonl")
+    assert r.returncode == 0 and "| upernet | 0.65 | 0.001 | 2 | 0 | " in r.stdout and "pre: mIoU" in r.stdout, r.stdout
+
+    probe = {"PROBE_OUT": str(tmp_path / "probe")}
+    r = _script("probe_sweep.sh", "--tiny", ck, d / "small48", **probe)
+    assert r.returncode == 0 and "SWEEP DONE" in r.stdout, r.stdout + r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "probe" / "results.jsonl").read_text().splitlines()]
+    assert [(x["encoder"], x["epochs"], x["lr"]) for x in rows] == [("k2_e200", 1, 0.01), ("random", 1, 0.01),
+                                                                    ("pixels", 1, 0.01)]
+    assert all(0 <= x["acc"] <= 1 and 0 <= x["knn"] <= 1 for x in rows)
+    r = _script("probe_sweep.sh", "--tiny", ck, d / "small48", **probe)
+    assert r.returncode == 0 and len((tmp_path / "probe" / "results.jsonl").read_text().splitlines()) == 3, r.stdout
