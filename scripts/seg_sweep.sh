@@ -20,8 +20,11 @@ P=${PYTHON:-.venv/bin/python}
 D=data/toy_ade20k
 OUTD=${SWEEP_OUT:-runs/segsweep}
 out=$OUTD/results.jsonl
-TINY=0
-if [ "${1:-}" = --tiny ]; then TINY=1; shift; D=$OUTD/toy_ade20k_tiny; fi
+TINY=0 TOYSET="train=300, val=60" EXTRA=()  # --tiny: a 6-image set, one setting of 2 iterations at batch 2
+if [ "${1:-}" = --tiny ]; then
+  TINY=1 D=$OUTD/toy_ade20k_tiny TOYSET="train=4, val=2, sides=(40, 64)"
+  EXTRA=(data.batch_size=2 train.global_batch=2 log.every=1); shift
+fi
 if [ "${1:-}" = --report ]; then
   exec $P - "${2:-$out}" <<'PY'
 import json, sys
@@ -43,11 +46,7 @@ PY
 fi
 mkdir -p $OUTD
 touch $out
-if [ $TINY = 1 ]; then
-  $P -c "from data_prep.make_toy_imagenet import make_segmentation as m; m('$D', train=4, val=2, sides=(40, 64), progress=False)"
-else
-  $P -c "from data_prep.make_toy_imagenet import make_segmentation as m; m('$D', train=300, val=60, progress=False)"
-fi
+$P -c "from data_prep.make_toy_imagenet import make_segmentation as m; m('$D', $TOYSET, progress=False)"
 failed=0
 one() {  # ENC_NAME CKPT HEAD LAYER_DECAY LR ITERS SEED
   local name=$1 ck=$2 head=$3 ld=$4 lr=$5 it=$6 seed=$7
@@ -67,8 +66,7 @@ one() {  # ENC_NAME CKPT HEAD LAYER_DECAY LR ITERS SEED
 SETTINGS=("upernet 0.65 1e-3 200 0" "upernet 1.0 1e-3 200 0" "upernet 0.9 1e-3 200 0" "setr_pup 0.65 1e-3 200 0"
           "upernet 1.0 3e-3 200 0" "upernet 0.65 1e-3 200 1" "upernet 0.65 1e-3 600 0" "upernet 1.0 3e-4 200 0")
 SETTINGS=("${SETTINGS[@]:0:${SWEEP_SETTINGS:-${#SETTINGS[@]}}}")  # SWEEP_SETTINGS=N: the first N only
-EXTRA=()
-[ $TINY = 1 ] && SETTINGS=("upernet 0.65 1e-3 2 0") && EXTRA=(data.batch_size=2 train.global_batch=2 log.every=1)
+[ $TINY = 1 ] && SETTINGS=("upernet 0.65 1e-3 2 0")
 for setting in "${SETTINGS[@]}"; do
   for enc in "$@"; do
     if [ "$enc" = random ]; then name=random ck=""; else name=${enc%%=*} ck=${enc#*=}; fi
